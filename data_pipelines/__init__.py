@@ -1,0 +1,60 @@
+"""Datasets as webdataset shards, and the readers that feed the trainer.
+
+`build_data` returns a source with:
+  spec                        what the model needs to know (task, classes, input shape, sizes)
+  train_micro_batches(step)   this rank's A micro-batches of global batch `step`, as (inputs, targets)
+  eval_batches()              this rank's share of the test split, each example exactly once over ranks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # digits, cifar10, ...
+    task: str  # classification | language_model | reconstruction
+    num_train: int
+    num_test: int
+    num_classes: int = 0
+    in_shape: tuple[int, ...] = ()  # (C, H, W) for images
+    vocab_size: int = 0
+
+
+def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, dtype):
+    from data_pipelines.memory import InMemoryImages
+    from data_pipelines.shards import read_manifest
+
+    manifest = read_manifest(path, name)
+    return InMemoryImages(path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size)
+
+
+# The standard datasets' shapes, for `harness plan` when the shards are not at hand.
+KNOWN = {
+    "digits": DataSpec("digits", "classification", 1347, 450, 10, (1, 8, 8)),
+    "cifar10": DataSpec("cifar10", "classification", 50000, 10000, 10, (3, 32, 32)),
+    "cifar100": DataSpec("cifar100", "classification", 50000, 10000, 100, (3, 32, 32)),
+}
+
+
+def spec_from_manifest(manifest: dict) -> DataSpec:
+    splits = manifest["splits"]
+    return DataSpec(
+        kind=manifest["kind"], task=manifest["task"], num_train=splits["train"]["size"],
+        num_test=splits.get("test", {}).get("size", 0), num_classes=len(manifest.get("classes", [])),
+        in_shape=tuple(manifest.get("image_shape", ())), vocab_size=manifest.get("vocab_size", 0),
+    )
+
+
+def describe(name: str, path: str | None) -> tuple[DataSpec, str]:
+    """The data spec from the shards' manifest if readable, else the standard dataset's; and which it was."""
+    from data_pipelines.shards import read_manifest
+    from harness.errors import DataError
+
+    try:
+        return spec_from_manifest(read_manifest(path, name)), f"manifest {path}"
+    except DataError:
+        if name not in KNOWN:
+            raise
+        return KNOWN[name], f"standard {name} sizes; shards not found at {path}"

@@ -1,0 +1,39 @@
+"""Errors a user can fix. Each carries its own exit code and prints as one line (no traceback).
+
+The CLI catches `HarnessError` and prints `harness: error: <message>`; `--debug` re-raises instead.
+Distinct exit codes let a sweep or a SLURM script tell a typo from a crash (exit 1 is an unexpected bug).
+"""
+
+
+class HarnessError(Exception):
+    exit_code = 1
+
+
+class ConfigError(HarnessError):
+    """A config key, value or file is wrong."""
+
+    exit_code = 2
+
+
+class PlanError(HarnessError):
+    """The batch layout (global batch, world size, micro-batch, ghost groups) is impossible."""
+
+    exit_code = 3
+
+
+class DataError(HarnessError):
+    """A dataset path, shard or manifest is missing, corrupt or inconsistent."""
+
+    exit_code = 4
+
+
+class LaunchError(HarnessError):
+    """The launch environment (SLURM, torchrun, DeepSpeed) cannot be worked out."""
+
+    exit_code = 5
+
+
+class CheckpointError(HarnessError):
+    """No usable checkpoint where one is required."""
+
+    exit_code = 6

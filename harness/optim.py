@@ -1,0 +1,31 @@
+"""The optimizer, with the paper's effective learning rate converted to torch's rate in one place.
+
+Heavy-ball momentum (sec. 3.1): v <- m v + g; w <- w - lr v, which is torch.optim.SGD with dampening 0
+and no Nesterov. eps_eff = lr / (1 - m) (sec. 3.3); plain SGD has m = 0 so eps_eff = lr.
+L2 regularization is applied as weight decay (SGD adds wd * w to the gradient, the same thing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def momentum_of(name: str, momentum: float) -> float:
+    return momentum if name == "momentum" else 0.0
+
+
+def torch_lr(effective_lr: float, momentum: float) -> float:
+    """torch's lr for an effective rate: lr = eps_eff (1 - m)."""
+    return effective_lr * (1.0 - momentum)
+
+
+def build_optimizer(params, name: str, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    # The rate is set by the schedule before every step; 0.0 here is a placeholder.
+    return torch.optim.SGD(
+        params, lr=0.0, momentum=momentum_of(name, momentum), dampening=0.0, nesterov=False, weight_decay=weight_decay
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
