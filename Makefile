@@ -1,0 +1,28 @@
+# `make demo` and `make test` create (or reuse) .venv and install everything they need into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed compiles a CPU op on first use (about 30 s); keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: demo test test-fast venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m harness demo
+
+test: venv
+	$(PY) -m pytest
+
+# Unit tests only (no launchers, no services): seconds.
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real CLI in subprocesses, real shard files, real launchers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def harness_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_harness(*args, env=None, check=True, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` as a user would run it; returns the completed process."""
+    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
+                          env=env or harness_env(), timeout=timeout, cwd=cwd or ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def torchrun(nproc: int, *args, nnodes: int = 1, extra=(), env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m harness ARGS` (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
+           "-m", "harness", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or harness_env(OMP_NUM_THREADS=1),
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "checkpoints" / "final.pt", weights_only=True)["model"]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory) -> Path:
+    """Synthetic CIFAR-10-format shards (512 train / 256 test), real tar files with a manifest."""
+    from data_pipelines.synth import synth
+
+    dest = tmp_path_factory.mktemp("cifar10")
+    synth("cifar10", dest, train=512, test=256, seed=0, per_shard=200)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    from data_pipelines.convert import convert_digits
+
+    dest = tmp_path_factory.mktemp("digits")
+    convert_digits(dest)
+    return dest
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
