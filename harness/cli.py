@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make dataset shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write small synthetic shards in a dataset's exact format (for tests)")
-    p.add_argument("kind", choices=["cifar10", "cifar100"])
+    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb"])
     p.add_argument("dest")
-    p.add_argument("--train", type=int, default=512, help="training examples (default 512)")
-    p.add_argument("--test", type=int, default=256, help="test examples (default 256)")
+    p.add_argument("--train", type=int, default=512, help="training examples, or tokens for ptb (default 512)")
+    p.add_argument("--test", type=int, default=256, help="test examples, or tokens for ptb (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
 

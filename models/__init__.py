@@ -23,6 +23,10 @@ class ModelConfig:
         """Examples per ghost-BN group, or None if the model has no batch norm."""
         return None
 
+    def task(self, data_task: str) -> str:
+        """The objective this model trains for on data of `data_task` (the autoencoder: reconstruction)."""
+        return data_task
+
 
 def register(config_cls: type):
     """Decorator for a builder: `@register(WideResNetConfig) def build(cfg, spec): ...`."""
