@@ -213,6 +213,7 @@ def finish(cfg, run_dir, env, engine, objective, data, log, state, plan, d, stat
         "epochs": state.step / (d.total_steps / d.epochs),
         "train_loss": state.tail_loss_sum / state.tail_steps if state.tail_steps else None,
         "test_metric": objective.metric,
+        "higher_is_better": objective.higher_is_better,
         objective.metric: metrics.get(objective.metric),
         **{k: v for k, v in metrics.items() if k != objective.metric},
         "diverged_at_step": diverged_at,
