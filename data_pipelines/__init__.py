@@ -35,6 +35,10 @@ KNOWN = {
     "digits": DataSpec("digits", "classification", 1347, 450, 10, (1, 8, 8)),
     "cifar10": DataSpec("cifar10", "classification", 50000, 10000, 10, (3, 32, 32)),
     "cifar100": DataSpec("cifar100", "classification", 50000, 10000, 100, (3, 32, 32)),
+    "mnist": DataSpec("mnist", "classification", 60000, 10000, 10, (1, 28, 28)),
+    "imagenet": DataSpec("imagenet", "classification", 1281167, 50000, 1000, (3, 224, 224)),
+    # PTB (Mikolov's ptb.*.txt with <eos> per line): sizes count tokens, as in the token-shard manifest.
+    "ptb": DataSpec("ptb", "language_model", 929589, 82430, vocab_size=10000),
 }
 
 

@@ -1,7 +1,7 @@
-"""`harness` command line: train, plan, data.
+"""`harness` command line: train, plan, data, sweep, analyze, demo.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
-the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint); `--debug` shows the traceback.
+the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -87,26 +87,6 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Convert the embedded digits data (once) and train the demo config on CPU."""
-    from data_pipelines.convert import convert_digits
-    from harness.config import load_config
-    from harness.trainer import train
-
-    root = Path(__file__).resolve().parent.parent
-    data = Path(args.data)
-    if not (data / "manifest.json").is_file():
-        convert_digits(data)
-    cfg = load_config(root / "yaml" / "demo.yaml", [f"data.path={data}", "device=cpu", *args.overrides])
-    run_dir = Path(args.run_dir)
-    result = train(cfg, run_dir)
-    print(f"demo: {result['status']}; test accuracy {result['test_accuracy']:.2f}% after {result['steps']} steps "
-          f"({result['epochs']:.0f} epochs); final train loss {result['train_loss']:.4f}")
-    print(f"demo: run directory {run_dir}: config.yaml, metrics.jsonl, result.json, checkpoints/, tb/")
-    print(f"demo: TensorBoard: tensorboard --logdir {run_dir / 'tb'} --port 6006, then open http://localhost:6006")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Large-batch SGD scaling harness (Smith, Elsen & De 2020).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -123,11 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("demo", help="train the demo config on the embedded digits data (CPU)")
-    p.add_argument("--data", default="data/digits", help="where to write the digits shards (default data/digits)")
-    p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_demo)
+    from harness.sweep_cli import add_parsers
+
+    add_parsers(sub)  # sweep, analyze, demo (harness/sweep_cli.py)
 
     data = sub.add_parser("data", help="make dataset shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write small synthetic shards in a dataset's exact format (for tests)")

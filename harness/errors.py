@@ -37,3 +37,9 @@ class CheckpointError(HarnessError):
     """No usable checkpoint where one is required."""
 
     exit_code = 6
+
+
+class SweepError(HarnessError):
+    """Runs of a sweep failed, or a sweep directory cannot be analyzed."""
+
+    exit_code = 7

@@ -1,0 +1,159 @@
+"""Run locks: two executors on one sweep never train the same run at the same time.
+
+A lock is a file created with O_CREAT | O_EXCL (atomic on local file systems and on NFSv3+), holding the
+holder's host, pid, start time and SLURM job. The holder touches it every `heartbeat` seconds. A lock is
+stale, and may be broken, when its holder is on this host and its pid is gone, or when its heartbeat is older
+than `stale_after` seconds (a holder on another node that crashed or was killed, or a reused pid). Breaking is serialized by a
+second O_EXCL file (`.break`), so of several executors that find the same stale lock exactly one takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 300.0
+BREAK_STALE_SECONDS = 60.0  # a `.break` file older than this belongs to a breaker that died mid-break
+
+
+def _info() -> dict:
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for key, var in (("slurm_job", "SLURM_JOB_ID"), ("slurm_array_task", "SLURM_ARRAY_TASK_ID")):
+        if var in os.environ:
+            info[key] = os.environ[var]
+    return info
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # being written right now, or torn by a crash: judged by its age only
+
+
+def is_stale(path: Path, info: dict | None, stale_after: float) -> bool:
+    try:
+        age = time.time() - Path(path).stat().st_mtime
+    except FileNotFoundError:
+        return False  # gone: not stale, simply free
+    if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if not _pid_alive(info["pid"]):
+            return True
+    return age > stale_after  # no heartbeat for that long: a holder elsewhere died (or this pid was reused)
+
+
+def describe(info: dict | None) -> str:
+    if not info:
+        return "an unknown holder"
+    since = time.strftime("%H:%M:%S", time.localtime(info.get("since", 0)))
+    job = f", SLURM job {info['slurm_job']}" if "slurm_job" in info else ""
+    return f"pid {info.get('pid')} on {info.get('host')} since {since}{job}"
+
+
+class RunLocks:
+    """The locks of one process in one lock directory, kept fresh by a heartbeat thread."""
+
+    def __init__(self, directory: Path, stale_after: float = STALE_AFTER_SECONDS, heartbeat: float = HEARTBEAT_SECONDS):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self.held: set[str] = set()
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def path(self, run_id: str) -> Path:
+        return self.directory / f"{run_id}.lock"
+
+    def acquire(self, run_id: str) -> tuple[bool, dict | None]:
+        """(True, None) if this process now holds the run; else (False, the holder's info)."""
+        path = self.path(run_id)
+        for _ in range(3):
+            if self._create(path):
+                with self._mutex:
+                    self.held.add(run_id)
+                self._start_heartbeat()
+                return True, None
+            info = read_lock(path)
+            if not is_stale(path, info, self.stale_after):
+                if info is None:
+                    continue  # released between our attempt and the read: try again
+                return False, info
+            self._break(path, info)
+        return False, read_lock(path)
+
+    def _create(self, path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(_info(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _break(self, path: Path, seen: dict | None) -> None:
+        """Remove a stale lock, unless someone else broke (and maybe retook) it first."""
+        guard = path.with_name(path.name + ".break")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > BREAK_STALE_SECONDS:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return
+        os.close(fd)
+        try:
+            # Under the guard: remove only the lock we judged stale (a fresh one is someone's live lock).
+            if read_lock(path) == seen and is_stale(path, seen, self.stale_after):
+                path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def release(self, run_id: str) -> None:
+        with self._mutex:
+            if run_id not in self.held:
+                return
+            self.held.discard(run_id)
+        self.path(run_id).unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for run_id in list(self.held):
+            self.release(run_id)
+        self._stop.set()
+
+    def _start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with self._mutex:
+                held = list(self.held)
+            for run_id in held:
+                try:
+                    os.utime(self.path(run_id))
+                except FileNotFoundError:
+                    pass
