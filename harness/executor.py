@@ -137,10 +137,13 @@ def status(entries: list[dict], sweep_dir: Path) -> Status:
     out = Status()
     locks = state_dir(sweep_dir) / "locks"
     for e in entries:
+        lock = locks / f"{e['id']}.lock"
         if is_finished(Path(sweep_dir) / e["name"]):
             out.finished.append(e)
+            info = read_lock(lock)
+            if info is not None and is_stale(lock, info, STALE_AFTER_SECONDS):
+                lock.unlink(missing_ok=True)  # its holder died between writing result.json and releasing
             continue
-        lock = locks / f"{e['id']}.lock"
         info = read_lock(lock)
         if info is not None and not is_stale(lock, info, STALE_AFTER_SECONDS):
             out.running.append((e, info))
@@ -320,7 +323,8 @@ def _quiet(config: dict) -> dict:
 def _init_worker(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cancels
 
 
@@ -335,14 +339,16 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
 
     outcomes = []
     cores = os.cpu_count() or 1
+    # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (torch reads it itself).
+    threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // max_parallel)
     if max_parallel == 1 or len(tasks) == 1:
-        torch.set_num_threads(max(1, cores // 1))
+        if threads:
+            torch.set_num_threads(threads)
         for task in tasks:
             for o in execute_task(sweep_dir, task, pack):
                 report(o)
                 outcomes.append(o)
         return outcomes
-    threads = max(1, cores // max_parallel)
     with ProcessPoolExecutor(max_parallel, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
@@ -378,7 +384,7 @@ def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: i
     logs = state_dir(sweep_dir).resolve() / "slurm"
     cmd = ["sbatch", "--parsable", f"--array=0-{n_tasks - 1}%{max_parallel}", f"--job-name=sweep-{sweep_name}",
            f"--output={logs}/%A_%a.out", f"--time={slurm.time}",
-           f"--export=ALL,HARNESS_PYTHON={sys.executable}"]
+           f"--export=ALL,HARNESS_PYTHON={sys.executable},HARNESS_ROOT={array_script().parent.parent}"]
     for flag, value in (("--partition", slurm.partition), ("--account", slurm.account),
                         ("--gpus-per-task", slurm.gpus_per_task), ("--cpus-per-task", slurm.cpus_per_task),
                         ("--mem", slurm.mem)):

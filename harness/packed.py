@@ -71,7 +71,8 @@ def unpackable_reason(config: dict) -> str:
 
 
 class BatchedSequential:
-    """R copies of a Sequential(Flatten | Linear | ReLU ...) as stacked parameters: weight (R, out, in)."""
+    """R copies of a Sequential(Flatten | Linear | ReLU ...) as stacked parameters. Linear weights are stored
+    transposed, (R, in, out), so the forward pass is one torch.baddbmm per layer without a transpose."""
 
     def __init__(self, template: nn.Sequential, states: list[dict[str, torch.Tensor]]):
         for module in template:
@@ -83,7 +84,14 @@ class BatchedSequential:
             raise ConfigError("packed runs need a model without buffers (batch norm running statistics)")
         self.template = template
         self.names = [name for name, _ in template.named_parameters()]
-        self.params = {n: torch.stack([s[n].detach() for s in states]).requires_grad_() for n in self.names}
+        self.params = {}
+        for n in self.names:
+            stacked = torch.stack([s[n].detach() for s in states])
+            if n.endswith("weight"):
+                stacked = stacked.transpose(1, 2).contiguous()
+            elif n.endswith("bias"):
+                stacked = stacked.unsqueeze(1)
+            self.params[n] = stacked.requires_grad_()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (R, b, *in_shape) -> logits (R, b, classes)."""
@@ -92,9 +100,8 @@ class BatchedSequential:
             if isinstance(module, nn.Flatten):
                 h = h.flatten(2)
             elif isinstance(module, nn.Linear):
-                w = self.params[f"{i}.weight"].transpose(1, 2)
-                b = self.params.get(f"{i}.bias")
-                h = torch.baddbmm(b.unsqueeze(1), h, w) if b is not None else torch.bmm(h, w)
+                w, b = self.params[f"{i}.weight"], self.params.get(f"{i}.bias")
+                h = torch.baddbmm(b, h, w) if b is not None else torch.bmm(h, w)
             else:
                 h = torch.relu(h)
         return h
@@ -103,7 +110,12 @@ class BatchedSequential:
         return [self.params[n] for n in self.names]
 
     def state_dict(self, r: int) -> dict[str, torch.Tensor]:
-        return {n: self.params[n][r].detach().clone() for n in self.names}
+        """Run r's parameters with the template's names and shapes (weight (out, in), bias (out,))."""
+        out = {}
+        for n in self.names:
+            t = self.params[n][r].detach()
+            out[n] = (t.t() if n.endswith("weight") else t.squeeze(0)).contiguous().clone()
+        return out
 
 
 def _per_run(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -211,20 +223,23 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
     bufs = [torch.zeros_like(p) for p in tensors]
 
     logs = []
+    environment = {**provenance.environment(env, plan), "packed_runs": len(run_cfgs)}  # once: it runs git
     for cfg, run_dir in zip(run_cfgs, dirs):
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)  # from an interrupted attempt: a pack restarts at step 0
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        atomic_write_json(run_dir / "env.json", {**provenance.environment(env, plan), "packed_runs": len(run_cfgs)})
+        atomic_write_json(run_dir / "env.json", environment)
         logs.append(RunLog(run_dir, True, cfg.log.tensorboard))
     streams = _Streams(data, [c.seed for c in run_cfgs], b, d.total_steps)
 
     R, S = len(run_cfgs), d.total_steps
-    alive = [True] * R
+    dev = env.device
+    alive = torch.ones(R, dtype=torch.bool, device=dev)
     tail_start = S - max(1, S // 20)
-    tail_sum, tail_n = [0.0] * R, [0] * R
+    tail_sum = torch.zeros(R, dtype=torch.float64, device=dev)
+    tail_n = 0
     diverged_at: list[Optional[int]] = [None] * R
-    train_seconds, lr_vals, last_drops = 0.0, None, None
+    train_seconds, last_drops, effs = 0.0, None, None
     max_loss = cfg0.divergence.max_loss
     for step in range(S):
         if stop is not None and stop():
@@ -234,89 +249,86 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
         drops = num_drops(step, S)
         if drops != last_drops or step < cfg0.schedule.warmup_steps:
             effs = [lr_at(step, S, eps0[r], gammas[r], cfg0.schedule.warmup_steps) for r in range(R)]
-            lr_vals = [torch_lr(e, m) if a else 0.0 for e, m, a in zip(effs, moms, alive)]
-            lr_t = [_per_run(lr_vals, p) for p in tensors]
+            lrs = [torch_lr(e, m) for e, m in zip(effs, moms)]
+            neg_lr = [-_per_run(lrs, p) * alive.view(-1, *([1] * (p.dim() - 1))) for p in tensors]
             last_drops = drops
         want_log = (step + 1) % cfg0.log.every_steps == 0 or step + 1 == S
         t0 = time.perf_counter()
         x, y = streams.step(step)
-        loss_sum = torch.zeros(R, dtype=torch.float64, device=env.device)
-        correct = torch.zeros(R, dtype=torch.float64, device=env.device)
+        loss_sum = correct = 0
         for a in range(plan.accumulation_steps):
             lo, hi = plan.micro_slice(a, 0)
             xm, ym = x[:, lo:hi], y[:, lo:hi]
             logits = net(xm)
             per_run = F.cross_entropy(logits.flatten(0, 1), ym.flatten(), reduction="none").view(R, -1).sum(1)
             (per_run * (1.0 / b)).sum().backward()  # the trainer's loss_sum * W / B, per run
-            loss_sum += per_run.detach().double()
-            correct += (logits.detach().argmax(-1) == ym).sum(1).double()
+            loss_sum = loss_sum + per_run.detach().double()
+            correct = correct + (logits.detach().argmax(-1) == ym).sum(1).double()
         norms = {}
         with torch.no_grad():
             grads = [p.grad for p in tensors]
             if want_log:
                 norms["grad_norm"] = _norms(grads)
                 before = [p.detach().clone() for p in tensors]
-            for p, g, buf, m, wd, lr in zip(tensors, grads, bufs, mom_t, wd_t, lr_t):
-                g = g.add(p * wd)  # torch.optim.SGD: grad.add(param, alpha=weight_decay)
+            for p, g, buf, m, wd, nlr in zip(tensors, grads, bufs, mom_t, wd_t, neg_lr):
+                g.addcmul_(p, wd)  # torch.optim.SGD: grad = grad + weight_decay * param
                 buf.mul_(m).add_(g)  # buf = m buf + g; buf starts at 0, so the first step gives buf = g
-                p.sub_(buf * lr)
+                p.addcmul_(buf, nlr)  # param = param - lr buf
                 p.grad = None
             if want_log:
                 norms["param_norm"] = _norms(tensors)
                 norms["update_norm"] = _norms([p - q for p, q in zip(tensors, before)])
         train_seconds += time.perf_counter() - t0
-        losses = (loss_sum / b).tolist()
-        accs = (100.0 * correct / b).tolist()
-        newly_dead = []
-        for r in range(R):
-            if not alive[r]:
-                continue
-            if step >= tail_start:
-                tail_sum[r] += losses[r]
-                tail_n[r] += 1
-            if not math.isfinite(losses[r]) or (max_loss is not None and losses[r] > max_loss):
-                alive[r], diverged_at[r] = False, step + 1
-                newly_dead.append(r)
-                continue
-            if want_log:
-                rate = (step + 1) * b / max(train_seconds, 1e-9)
-                eff = lr_at(step, S, eps0[r], gammas[r], cfg0.schedule.warmup_steps)
-                logs[r].write({"step": step + 1, "epoch": (step + 1) / (S / d.epochs),
-                               "train_loss": losses[r], "train_accuracy": accs[r], "lr": torch_lr(eff, moms[r]),
-                               "effective_lr": eff, "temperature": eff / b, "examples_per_second": rate,
-                               **{k: float(v[r]) for k, v in norms.items()}})
-        for r in newly_dead:
-            with torch.no_grad():  # keep NaNs out of the batched arithmetic: the run is over
-                for p, buf in zip(tensors, bufs):
-                    p[r].zero_()
-                    buf[r].zero_()
-            lr_vals[r] = 0.0
-            lr_t = [_per_run(lr_vals, p) for p in tensors]
-            res = _result(run_cfgs[r], "diverged", step + 1, d, tail_sum[r], tail_n[r], objective, {}, diverged_at[r],
-                          (step + 1) * b / max(train_seconds, 1e-9), time.time() - started, n_params, plan, R)
-            _finish(dirs[r], res, logs[r], None, None)
+        losses = loss_sum / b
+        if step >= tail_start:
+            tail_sum += torch.where(alive, losses, 0.0)
+            tail_n += 1
+        bad = ~torch.isfinite(losses) if max_loss is None else ~(torch.isfinite(losses) & (losses <= max_loss))
+        dead_now = (bad & alive).nonzero().flatten().tolist()
+        for r in dead_now:
+            diverged_at[r] = step + 1
+        if dead_now:
+            alive[dead_now] = False
+        if want_log:
+            rate = (step + 1) * b / max(train_seconds, 1e-9)
+            lv, av = losses.tolist(), (100.0 * correct / b).tolist()
+            nv = {k: v.tolist() for k, v in norms.items()}
+            for r in alive.nonzero().flatten().tolist():
+                logs[r].write({"step": step + 1, "epoch": (step + 1) / (S / d.epochs), "train_loss": lv[r],
+                               "train_accuracy": av[r], "lr": torch_lr(effs[r], moms[r]), "effective_lr": effs[r],
+                               "temperature": effs[r] / b, "examples_per_second": rate, **{k: v[r] for k, v in nv.items()}})
+        if dead_now:
+            with torch.no_grad():  # keep NaNs out of the batched arithmetic: these runs are over
+                for p, buf, nlr in zip(tensors, bufs, neg_lr):
+                    p[dead_now] = 0.0
+                    buf[dead_now] = 0.0
+                    nlr[dead_now] = 0.0
+            ts = tail_sum.tolist()
+            for r in dead_now:
+                res = _result(run_cfgs[r], "diverged", step + 1, d, ts[r], tail_n, objective, {}, diverged_at[r],
+                              (step + 1) * b / max(train_seconds, 1e-9), time.time() - started, n_params, plan, R)
+                _finish(dirs[r], res, logs[r], None, None)
+                results[todo[r]] = res
+                if on_result:
+                    on_result(todo[r], res)
+        if not alive.any():
+            break
+        if d.eval_every and (step + 1) % d.eval_every == 0 and step + 1 < S:
+            ev = evaluate(net, data, objective)
+            for r in alive.nonzero().flatten().tolist():
+                logs[r].write({"step": step + 1, **ev[r]})
+
+    if alive.any():
+        ev = evaluate(net, data, objective)
+        ts = tail_sum.tolist()
+        for r in alive.nonzero().flatten().tolist():
+            logs[r].write({"step": S, **ev[r]})
+            res = _result(run_cfgs[r], "completed", S, d, ts[r], tail_n, objective, ev[r], None,
+                          S * b / max(train_seconds, 1e-9), time.time() - started, n_params, plan, R)
+            _finish(dirs[r], res, logs[r], net.state_dict(r), run_cfgs[r])
             results[todo[r]] = res
             if on_result:
                 on_result(todo[r], res)
-        if d.eval_every and (step + 1) % d.eval_every == 0 and step + 1 < S:
-            ev = evaluate(net, data, objective)
-            for r in range(R):
-                if alive[r]:
-                    logs[r].write({"step": step + 1, **ev[r]})
-        if not any(alive):
-            break
-
-    ev = evaluate(net, data, objective)
-    for r in range(R):
-        if not alive[r]:
-            continue
-        logs[r].write({"step": S, **ev[r]})
-        res = _result(run_cfgs[r], "completed", S, d, tail_sum[r], tail_n[r], objective, ev[r], None,
-                      S * b / max(train_seconds, 1e-9), time.time() - started, n_params, plan, R)
-        _finish(dirs[r], res, logs[r], net.state_dict(r), run_cfgs[r])
-        results[todo[r]] = res
-        if on_result:
-            on_result(todo[r], res)
     return results
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -507,12 +508,18 @@ def epoch_examples(task: str, num_train: int, global_batch_size: int, unroll: in
     return num_train
 
 
+@functools.lru_cache(maxsize=64)
+def _describe_data(name: str, path: Optional[str]):
+    from data_pipelines import describe
+
+    return describe(name, path)
+
+
 def run_steps(config: dict) -> tuple[int, float]:
     """(optimizer steps, epochs) of a run, from its budget and the dataset's size (manifest or standard)."""
-    from data_pipelines import describe
     from harness.plan import to_steps
 
-    spec, _ = describe(config["data"]["name"], config["data"]["path"])
+    spec, _ = _describe_data(config["data"]["name"], config["data"]["path"])
     b = config["batch"]["global_batch_size"]
     n = epoch_examples(spec.task, spec.num_train, b, (config.get("model") or {}).get("unroll"))
     d = to_steps(config["budget"]["steps"], config["budget"]["epochs"], n, b)
@@ -520,6 +527,4 @@ def run_steps(config: dict) -> tuple[int, float]:
 
 
 def data_source(config: dict) -> str:
-    from data_pipelines import describe
-
-    return describe(config["data"]["name"], config["data"]["path"])[1]
+    return _describe_data(config["data"]["name"], config["data"]["path"])[1]

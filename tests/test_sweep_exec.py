@@ -1,0 +1,217 @@
+"""Running sweeps: locks, resubmission after a kill, two executors at once, TensorBoard HParams, the demo path."""
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness.locks import RunLocks
+from tests.conftest import ROOT, harness_env, run_harness, write_config
+
+
+def tiny_spec(tmp_path, digits, grid, extra="", name="tiny"):
+    return write_config(tmp_path / f"{name}.yaml", f"""
+name: {name}
+base:
+  model: {{name: mlp, hidden: [16]}}
+  data: {{name: digits, path: {digits}}}
+  batch: {{global_batch_size: 32}}
+  budget: {{steps: 120}}
+  device: cpu
+  log: {{every_steps: 20}}
+grid:
+{grid}
+select: {{k: 1, n: 2}}
+{extra}
+""")
+
+
+def env():
+    # One thread per process: tiny models on a shared 2-core machine slow down badly with more.
+    return harness_env(OMP_NUM_THREADS=1)
+
+
+def results(sweep_dir: Path) -> dict[str, Path]:
+    return {p.parent.name: p for p in sweep_dir.glob("*/result.json")}
+
+
+def history(sweep_dir: Path) -> list[dict]:
+    path = sweep_dir / ".sweep" / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path):
+    mine, other = RunLocks(tmp_path), RunLocks(tmp_path)
+    assert mine.acquire("run1") == (True, None)
+    ok, holder = other.acquire("run1")
+    assert not ok and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    mine.release("run1")
+    assert other.acquire("run1")[0]
+    other.release_all()
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_stale_locks_are_broken(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "a.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": 0}))
+    (tmp_path / "b.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "since": 0}))
+    (tmp_path / "c.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "since": 0}))
+    old = time.time() - 3600
+    os.utime(tmp_path / "b.lock", (old, old))  # no heartbeat for an hour: its holder is gone
+    locks = RunLocks(tmp_path, stale_after=600)
+    assert locks.acquire("a")[0]  # same host, dead pid
+    assert locks.acquire("b")[0]  # other host, old heartbeat
+    ok, holder = locks.acquire("c")  # other host, fresh heartbeat: alive as far as we can tell
+    assert not ok and holder["host"] == "node-elsewhere"
+    assert json.loads((tmp_path / "a.lock").read_text())["pid"] == os.getpid()
+
+
+def _race(directory, barrier, queue):
+    barrier.wait()
+    queue.put(RunLocks(Path(directory), stale_after=600).acquire("r")[0])
+
+
+def test_exactly_one_of_many_executors_takes_a_stale_lock(tmp_path):
+    for attempt in range(3):
+        (tmp_path / "r.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "since": 0}))
+        os.utime(tmp_path / "r.lock", (0, 0))
+        ctx = multiprocessing.get_context("fork")
+        barrier, queue = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, queue)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        won = [queue.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert sum(won) == 1, (attempt, won)
+        (tmp_path / "r.lock").unlink()
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+
+@pytest.mark.slow
+def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digits_shards):
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2, 0.4]\n  seed: [0, 1]")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "harness", "sweep", str(spec), "--sweep-dir", str(sweep_dir), "--no-pack",
+           "--max-parallel", "1"]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(results(sweep_dir)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the executor dies mid-run: no clean-up, its lock stays behind
+    proc.wait()
+    finished = results(sweep_dir)
+    assert 3 <= len(finished) < 8, f"the kill came too late ({len(finished)} of 8 finished)"
+    stamps = {name: [(p.parent / f).stat().st_mtime_ns for f in ("result.json", "metrics.jsonl", "config.yaml")]
+              for name, p in finished.items()}
+    assert list((sweep_dir / ".sweep" / "locks").glob("*.lock"))  # the killed run's lock, left behind
+    before = len(history(sweep_dir))
+
+    again = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", "--max-parallel", "1", "-v", env=env())
+    missing = 8 - len(finished)
+    assert f"{len(finished)} finished, 0 running elsewhere, {missing} to run" in again.stdout
+    assert f"ran {missing} runs" in again.stdout and f"{missing} completed" in again.stdout
+    rerun = [h for h in history(sweep_dir)[before:]]
+    assert sorted(h["name"] for h in rerun) == sorted(set(p.parent.name for p in sweep_dir.glob("*/config.yaml")) - set(finished))
+    assert len(rerun) == missing and all(h["status"] == "completed" for h in rerun)
+    assert len(results(sweep_dir)) == 8
+    for name, p in finished.items():  # finished runs untouched
+        assert [(p.parent / f).stat().st_mtime_ns for f in ("result.json", "metrics.jsonl", "config.yaml")] == stamps[name]
+    assert not list((sweep_dir / ".sweep" / "locks").glob("*.lock"))
+    third = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", env=env())
+    assert "8 finished, 0 running elsewhere, 0 to run" in third.stdout and len(history(sweep_dir)) == before + missing
+
+
+@pytest.mark.slow
+def test_two_executors_on_one_sweep_never_run_the_same_run(tmp_path, digits_shards):
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2]\n  seed: [0, 1]")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "harness", "sweep", str(spec), "--sweep-dir", str(sweep_dir), "--no-pack",
+           "--max-parallel", "1"]
+    procs = [subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = [h["id"] for h in history(sweep_dir)]
+    assert len(runs) == len(set(runs)) == 6  # every run trained exactly once, by one executor or the other
+    assert len(results(sweep_dir)) == 6
+
+
+@pytest.mark.slow
+def test_packed_sweep_is_one_tensorboard_logdir_with_hparams(tmp_path, digits_shards):
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.name: [sgd, momentum]\n  optim.effective_lr: [0.1, 0.4]\n  seed: [0, 1]")
+    sweep_dir = tmp_path / "sweep"
+    out = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--max-parallel", "1", env=env()).stdout
+    assert "8 to run (1 tasks, 1 of them packs)" in out and "8 completed" in out
+    assert all(json.loads(p.read_text())["packed_runs"] == 8 for p in results(sweep_dir).values())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep_dir), "--host", "127.0.0.1",
+                           "--port", str(port), "--reload_interval", "1"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=harness_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        runs, deadline = [], time.time() + 300
+        while time.time() < deadline and len(runs) < 9:
+            try:
+                runs = json.loads(urllib.request.urlopen(f"{base}/data/runs", timeout=5).read())
+            except OSError:
+                pass
+            time.sleep(1)
+        # One run per run directory plus the sweep's own experiment summary: no add_hparams sub-runs.
+        assert sorted(runs) == sorted(["."] + [f"{name}/tb" for name in results(sweep_dir)])
+
+        def post(path, body):
+            request = urllib.request.Request(f"{base}/data/plugin/hparams/{path}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+        experiment = post("experiment", {"experimentName": ""})
+        hparams = {h["name"]: h for h in experiment["hparamInfos"]}
+        assert {"optim.name", "optim.effective_lr", "seed", "batch.global_batch_size"} <= set(hparams)
+        assert hparams["optim.effective_lr"]["domainDiscrete"] == [0.1, 0.4]
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} >= {"final/test_accuracy", "final/train_loss"}
+        groups = post("session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": "optim.effective_lr", "includeInResult": True},
+                          {"hparam": "optim.name", "includeInResult": True},
+                          {"metric": {"tag": "final/test_accuracy", "group": ""}, "includeInResult": True}]})
+        assert groups["totalSize"] == 8
+        for group in groups["sessionGroups"]:
+            result = json.loads((sweep_dir / group["name"].rsplit("/", 1)[0] / "result.json").read_text())
+            (acc,) = [m["value"] for m in group["metricValues"] if m["name"]["tag"] == "final/test_accuracy"]
+            assert acc == pytest.approx(result["test_accuracy"], rel=1e-6)
+            assert group["hparams"]["optim.name"] in ("sgd", "momentum")
+    finally:
+        tb.terminate()
+        tb.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_demo_command_runs_the_study_path_end_to_end(tmp_path, digits_shards):
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.name: [sgd, momentum]\n  batch.global_batch_size: [16, 64]\n"
+                     "  optim.effective_lr: {log2: [-3, -1], slide: {axis: batch.global_batch_size, ref: 16, max: 1}}\n"
+                     "  seed: [0, 1]", extra="description: a tiny demo\nbudget_rule: constant_steps")
+    sweep_dir = tmp_path / "demo"
+    out = run_harness("demo", "--spec", spec, "--data", digits_shards, "--sweep-dir", sweep_dir, env=env()).stdout
+    assert "ran 24 runs" in out and "| Optimizer | Batch size | Runs |" in out
+    assert f"tensorboard --logdir {sweep_dir}" in out
+    assert (sweep_dir / "analysis" / "batch_size.png").is_file() and (sweep_dir / "analysis" / "table.csv").is_file()
+    assert len(results(sweep_dir)) == 24
