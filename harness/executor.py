@@ -130,12 +130,15 @@ def _test_metric(run: Run) -> str:
 class Status:
     finished: list[dict] = field(default_factory=list)
     running: list[tuple[dict, dict]] = field(default_factory=list)  # (entry, lock holder)
+    queued: list[tuple[dict, str]] = field(default_factory=list)  # (entry, SLURM array task waiting for it)
     missing: list[dict] = field(default_factory=list)
 
 
 def status(entries: list[dict], sweep_dir: Path) -> Status:
+    """Finished, running (a live lock), queued (in a SLURM array task not yet ended) or missing, per run."""
     out = Status()
     locks = state_dir(sweep_dir) / "locks"
+    queued = queued_runs(sweep_dir)
     for e in entries:
         lock = locks / f"{e['id']}.lock"
         if is_finished(Path(sweep_dir) / e["name"]):
@@ -147,9 +150,44 @@ def status(entries: list[dict], sweep_dir: Path) -> Status:
         info = read_lock(lock)
         if info is not None and not is_stale(lock, info, STALE_AFTER_SECONDS):
             out.running.append((e, info))
+        elif e["id"] in queued:
+            out.queued.append((e, queued[e["id"]]))
         else:
             out.missing.append(e)
     return out
+
+
+def queued_runs(sweep_dir: Path) -> dict[str, str]:
+    """Runs in array tasks of earlier submissions that SLURM still lists (pending or running): a resubmission
+    leaves them to those tasks instead of queueing them twice. {} without squeue or submissions."""
+    record = state_dir(sweep_dir) / "slurm" / "submitted.jsonl"
+    if not record.exists():
+        return {}
+    jobs = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(j["job"] for j in jobs)],
+                              capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    if proc.returncode != 0:  # e.g. every job id has left squeue's memory: nothing is queued
+        return {}
+    alive = set(proc.stdout.split())
+    out = {}
+    for j in jobs:
+        try:
+            tasks = read_json(j["task_file"])["tasks"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            continue
+        for index, task in enumerate(tasks):
+            if f"{j['job']}_{index}" in alive:
+                for e in task:
+                    out[e["id"]] = f"{j['job']}_{index}"
+    return out
+
+
+def record_submission(sweep_dir: Path, job: str, task_file: Path) -> None:
+    with open(state_dir(sweep_dir) / "slurm" / "submitted.jsonl", "a") as f:
+        f.write(json.dumps({"job": job, "task_file": str(task_file.resolve()), "time": time.time()}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -287,7 +325,7 @@ def _run_one(sweep_dir: Path, e: dict, locks: RunLocks) -> Outcome:
 
 def _run_pack(sweep_dir: Path, mine: list[dict], locks: RunLocks, stop) -> list[Outcome]:
     from harness.config import from_dict
-    from harness.packed import train_pack
+    from harness.packed import NotPackable, train_pack
 
     started = time.time()
     outcomes: dict[int, Outcome] = {}
@@ -300,6 +338,8 @@ def _run_pack(sweep_dir: Path, mine: list[dict], locks: RunLocks, stop) -> list[
         train_pack(cfgs, [sweep_dir / e["name"] for e in mine], stop=stop, on_result=on_result)
     except KeyboardInterrupt:
         raise
+    except NotPackable:  # the model family changed shape: train the runs one by one
+        return [_run_one(sweep_dir, e, locks) for e in mine]
     except Exception as error:  # noqa: BLE001 - the pack's unfinished runs are recorded as failed
         for i, e in enumerate(mine):
             if i not in outcomes:
@@ -396,16 +436,26 @@ def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: i
     return cmd + [str(array_script()), str(task_file.resolve())]
 
 
-def submit_slurm(cmd: list[str], env: Optional[dict] = None) -> str:
+def submit_slurm(cmd: list[str], on_job: Optional[Callable[[str], None]] = None) -> str:
+    """Run sbatch; return the job id (`--parsable` prints it first, also under `--wait`, which then blocks
+    until the array ends and exits non-zero if a task failed)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
         raise LaunchError("sbatch not found: the slurm executor needs SLURM's client commands on PATH; "
                           "use --executor local here") from None
-    if proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
+    first = proc.stdout.readline().strip()
+    job = first.split(";")[0] if first and first.split(";")[0].isdigit() else None
+    if job and on_job:
+        on_job(job)
+    out, err = proc.communicate()
+    if job is None:
+        msg = (err or first or out).strip().splitlines()
         raise LaunchError(f"sbatch failed (exit {proc.returncode}): {msg[-1] if msg else 'no message'}")
-    return proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else "?"
+    if proc.returncode != 0:
+        raise SweepError(f"job array {job} ended with failed tasks (sbatch --wait exit {proc.returncode}); their logs "
+                         "are in .sweep/slurm/ of the sweep directory; run the sweep again for what is missing")
+    return job
 
 
 def run_task_file(task_file: Path, index: int) -> list[Outcome]:

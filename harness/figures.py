@@ -115,6 +115,7 @@ def batch_size_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
     paths = _save(fig, out, "batch_size")
     plt.close(fig)
     return paths
@@ -179,6 +180,7 @@ def epochs_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
     paths = _save(fig, out, "epochs")
     plt.close(fig)
     return paths

@@ -70,18 +70,24 @@ def unpackable_reason(config: dict) -> str:
     return ""
 
 
+class NotPackable(ConfigError):
+    """The model is not a plain Sequential of Flatten/Linear/ReLU: its runs train one by one instead."""
+
+
 class BatchedSequential:
     """R copies of a Sequential(Flatten | Linear | ReLU ...) as stacked parameters. Linear weights are stored
     transposed, (R, in, out), so the forward pass is one torch.baddbmm per layer without a transpose."""
 
-    def __init__(self, template: nn.Sequential, states: list[dict[str, torch.Tensor]]):
+    def __init__(self, template: nn.Module, states: list[dict[str, torch.Tensor]]):
+        if not isinstance(template, nn.Sequential):
+            raise NotPackable(f"packed runs need an nn.Sequential model, got {type(template).__name__}")
         for module in template:
             if not isinstance(module, (nn.Flatten, nn.Linear, nn.ReLU)):
-                raise ConfigError(f"packed runs need a Sequential of Flatten/Linear/ReLU; found {type(module).__name__}")
+                raise NotPackable(f"packed runs need a Sequential of Flatten/Linear/ReLU; found {type(module).__name__}")
             if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-                raise ConfigError("packed runs need nn.Flatten() with its default dimensions")
+                raise NotPackable("packed runs need nn.Flatten() with its default dimensions")
         if list(template.buffers()):
-            raise ConfigError("packed runs need a model without buffers (batch norm running statistics)")
+            raise NotPackable("packed runs need a model without buffers (batch norm running statistics)")
         self.template = template
         self.names = [name for name, _ in template.named_parameters()]
         self.params = {}

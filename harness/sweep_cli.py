@@ -83,6 +83,7 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
     packs = sum(len(t) > 1 for t in tasks)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running elsewhere, {len(st.missing)} to run"
+          + (f", {len(st.queued)} queued in SLURM arrays" if st.queued else "")
           + (f" ({len(tasks)} tasks, {packs} of them packs) on {min(max_parallel, max(1, len(tasks)))} worker(s)" if tasks else ""),
           flush=True)
     for e, holder in st.running[:3]:
@@ -119,19 +120,21 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
 
 
 def _sweep_slurm(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> int:
-    from harness.executor import plan_tasks, prepare, sbatch_command, status, submit_slurm, write_task_file
+    from harness.executor import plan_tasks, prepare, record_submission, sbatch_command, status, submit_slurm, write_task_file
 
     entries = prepare(sweep, sweep_dir)
     st = status(entries, sweep_dir)
     tasks = plan_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, sweep.spec.slurm.runs_per_task)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
-          f"{len(st.running)} running, {len(st.missing)} to run", flush=True)
+          f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:
         return 0
     task_file = write_task_file(sweep_dir, tasks, pack)
     cmd = sbatch_command(sweep.name, sweep_dir, task_file, len(tasks), max_parallel, sweep.spec.slurm, wait)
     print("sweep: " + " ".join(cmd), flush=True)
-    job = submit_slurm(cmd)
+    if wait:  # sbatch --wait returns at the end; record the array first so a parallel resubmission sees it
+        print(f"sweep {sweep.name}: waiting for the job array ({len(tasks)} tasks, at most {max_parallel} at once)", flush=True)
+    job = submit_slurm(cmd, on_job=lambda j: record_submission(sweep_dir, j, task_file))
     print(f"sweep {sweep.name}: submitted job array {job}: {len(tasks)} tasks, at most {max_parallel} at once; "
           f"logs in {sweep_dir}/.sweep/slurm/; watch: squeue -j {job}; "
           f"afterwards: harness analyze {sweep_dir} (run the same sweep command again to fill in what is missing)")

@@ -185,3 +185,18 @@ def test_cli_analyze_writes_tables_and_figures_and_prints_the_paper_beside(tmp_p
     assert (tmp_path / "analysis" / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_harness("analyze", tmp_path, "--reference", "paper:table9", check=False)
     assert bad.returncode == 7 and "available: paper:table1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_epoch_budget_sweep_draws_the_epoch_figures(tmp_path):
+    from harness.figures import write_figures
+
+    for e in (50, 100, 200):
+        for lr0 in (0.5, 1.0):
+            for lrf in (0.001, 0.01):
+                cell(tmp_path, "momentum", 64, lr0, [90.0 + e / 100 + lr0, 89.0 + e / 100], losses=[1 / e, 2 / e],
+                     epochs=e, final_lr=lrf)
+    a = analysis.analyze(tmp_path, k=2, n=2)
+    assert a.extra_keys == ["budget.epochs"] and a.lr_keys == ["optim.effective_lr", "schedule.final_lr"]
+    paths = write_figures(a, tmp_path / "figs", title="fig3-like")
+    assert {p.name for p in paths} == {"epochs.png", "epochs.svg", "lr_sweep.png", "lr_sweep.svg"}
+    assert b"<svg" in (tmp_path / "figs" / "epochs.svg").read_bytes()[:400]

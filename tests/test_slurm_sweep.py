@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,23 +93,32 @@ def test_slurm_executor_completes_a_sweep_on_a_real_cluster(tmp_path, digits_sha
     sweep_dir = tmp_path / "sw"
     path = spec(tmp_path, digits_shards, "slurm: {time: '00:20:00', runs_per_task: 2}")
     job_env = env(SLURM_CONF=cluster.conf)
-    # Packs: 2 array tasks; one at a time (%1). --wait: sbatch returns when the whole array has ended.
-    out = run_harness("sweep", path, "--executor", "slurm", "--max-parallel", "1", "--wait", "--sweep-dir", sweep_dir,
-                      env=job_env, timeout=1200).stdout
+    # Two packs: two array tasks, one at a time (%1).
+    out = run_harness("sweep", path, "--executor", "slurm", "--max-parallel", "1", "--sweep-dir", sweep_dir,
+                      env=job_env).stdout
     assert "--array=0-1%1" in out and "slurm/sweep_array.sh" in out
     job = re.search(r"submitted job array (\d+)", out).group(1)
+    # Submitting again while the array is queued or running submits nothing: its runs are running or queued.
+    again = run_harness("sweep", path, "--executor", "slurm", "--sweep-dir", sweep_dir, env=job_env).stdout
+    assert "0 to run" in again and "submitted" not in again
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%i"], capture_output=True, text=True, env=job_env)
+        if not queue.stdout.strip():
+            break
+        time.sleep(2)
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")}
     logs = "\n".join(p.read_text() for p in (sweep_dir / ".sweep" / "slurm").glob("*.out"))
     assert len(results) == 8 and all(r["status"] == "completed" for r in results.values()), logs[-4000:]
     envs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/env.json")]
     assert {e["slurm"]["array_job_id"] for e in envs} == {job} and {e["slurm"]["array_task_id"] for e in envs} == {"0", "1"}
-    # Resubmission: nothing is missing, nothing is submitted.
     again = run_harness("sweep", path, "--executor", "slurm", "--sweep-dir", sweep_dir, env=job_env).stdout
-    assert "8 finished, 0 running, 0 to run" in again and "sbatch" not in again
-    # Unpacked, 2 runs per task, after removing three results: exactly those three run again, in 2 tasks.
+    assert "8 finished, 0 running, 0 queued in earlier arrays, 0 to run" in again and "submitted" not in again
+    # Unpacked, 2 runs per task, after removing three results: exactly those three run again, in 2 tasks;
+    # --wait returns when the array has ended.
     for p in sorted(sweep_dir.glob("*/result.json"))[:3]:
         p.unlink()
     out = run_harness("sweep", path, "--executor", "slurm", "--no-pack", "--wait", "--sweep-dir", sweep_dir,
                       env=job_env, timeout=1200).stdout
-    assert "5 finished, 0 running, 3 to run" in out and "--array=0-1%16" in out
+    assert "5 finished, 0 running, 0 queued in earlier arrays, 3 to run" in out and "--array=0-1%16" in out
     assert len(list(sweep_dir.glob("*/result.json"))) == 8
