@@ -18,7 +18,6 @@ runs trained one after another in-process (no start-up per run).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -113,7 +112,6 @@ def prepare(sweep: Sweep, sweep_dir: Path) -> list[dict]:
 
 def _test_metric(run: Run) -> str:
     """The metric the trainer will report, for the HParams experiment (before any run finished)."""
-    import models
     from data_pipelines import describe as describe_data
     from harness import objectives
 

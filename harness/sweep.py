@@ -25,7 +25,6 @@ device, paths, logging, ...), which may legitimately differ between submissions 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -37,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import models
 from harness import configlib
 from harness.config import LAYOUT_KEYS, Config, from_dict
 from harness.configlib import positive
@@ -372,6 +370,9 @@ def load_spec(path: str | Path, allow_unchecked_models: bool = False) -> Sweep:
     """Read, validate and expand a sweep spec file."""
     path = Path(path)
     data = configlib.read_yaml(path)
+    if "grid" not in data and any(k in data for k in ("model", "data", "optim", "budget")):
+        raise ConfigError(f"{path} is a run config, not a sweep spec: train it with `harness train {path}`, or write a "
+                          f"spec with `base: {path.name}` and a `grid:` (see yaml/table1.yaml)")
     try:
         return expand(_load_spec_dict(data), path, allow_unchecked_models)
     except ConfigError as e:

@@ -1,7 +1,6 @@
 """Sweep specs: strict validation, grid expansion, run ids, and every paper experiment as a spec (dry-run)."""
 
 import math
-from pathlib import Path
 
 import pytest
 
