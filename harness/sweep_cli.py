@@ -70,7 +70,7 @@ def cmd_sweep(args) -> int:
     return _sweep_local(sweep, sweep_dir, args.max_parallel or os.cpu_count() or 1, pack, args.verbose)
 
 
-def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bool, quiet_bar: bool = False) -> int:
+def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bool) -> int:
     from tqdm import tqdm
 
     from harness.executor import plan_tasks, prepare, run_local, status
@@ -92,7 +92,7 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
     if not tasks:
         return 0
     counts: Counter = Counter()
-    bar = tqdm(total=len(st.missing), unit="run", disable=None if not quiet_bar else True, dynamic_ncols=True)
+    bar = tqdm(total=len(st.missing), unit="run", disable=None, dynamic_ncols=True)  # a bar on a terminal only
 
     def report(o) -> None:
         counts[o.status] += 1

@@ -170,6 +170,7 @@ def test_mixed_metrics_and_empty_directories_are_clear_errors(tmp_path):
         analysis.analyze(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_analyze_writes_tables_and_figures_and_prints_the_paper_beside(tmp_path):
     for b, best in ((256, 2.0), (512, 4.0)):
         for lr in (1.0, 2.0, 4.0, 8.0):

@@ -45,6 +45,7 @@ def test_pack_key_groups_runs_that_differ_only_in_lr_seed_optimizer(digits_shard
     assert pack_key(wrn) is None  # batch norm: one run per process
 
 
+@pytest.mark.slow
 def test_packed_runs_equal_harness_train(tmp_path, digits_shards):
     runs = [("sgd", 0.5, 0), ("momentum", 1.0, 1), ("momentum", 4.0, 0), ("sgd", 500.0, 2)]  # the last diverges
     cfgs = [from_dict(config(digits_shards, *r)) for r in runs]

@@ -138,6 +138,22 @@ def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digit
 
 
 @pytest.mark.slow
+def test_failed_runs_are_recorded_and_run_again(tmp_path, digits_shards):
+    broken = tmp_path / "broken"
+    spec = tiny_spec(tmp_path, broken, "  optim.effective_lr: [0.1, 0.2]")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", check=False, env=env())
+    assert proc.returncode == 7 and "2 runs failed" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    errors = list(sweep_dir.glob("*/error.txt"))
+    assert len(errors) == 2 and "DataError" in errors[0].read_text()
+    assert [h["status"] for h in history(sweep_dir)] == ["failed", "failed"]
+    broken.symlink_to(digits_shards)  # fix the cause; the same command runs exactly the failed runs
+    out = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", env=env()).stdout
+    assert "0 finished, 0 running elsewhere, 2 to run" in out and "2 completed" in out
+    assert not list(sweep_dir.glob("*/error.txt")) and len(results(sweep_dir)) == 2
+
+
+@pytest.mark.slow
 def test_two_executors_on_one_sweep_never_run_the_same_run(tmp_path, digits_shards):
     spec = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2]\n  seed: [0, 1]")
     sweep_dir = tmp_path / "sweep"
