@@ -144,7 +144,8 @@ class RunLocks:
         self._stop.set()
 
     def _start_heartbeat(self) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
 

@@ -170,11 +170,14 @@ def test_two_executors_on_one_sweep_never_run_the_same_run(tmp_path, digits_shar
 
 @pytest.mark.slow
 def test_packed_sweep_is_one_tensorboard_logdir_with_hparams(tmp_path, digits_shards):
-    spec = tiny_spec(tmp_path, digits_shards, "  optim.name: [sgd, momentum]\n  optim.effective_lr: [0.1, 0.4]\n  seed: [0, 1]")
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.name: [sgd, momentum]\n  optim.effective_lr: [0.1, 0.4, 1000.0]\n"
+                     "  seed: [0, 1]", extra="overrides: {divergence.max_loss: 10.0}")
     sweep_dir = tmp_path / "sweep"
     out = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--max-parallel", "1", env=env()).stdout
-    assert "8 to run (1 tasks, 1 of them packs)" in out and "8 completed" in out
-    assert all(json.loads(p.read_text())["packed_runs"] == 8 for p in results(sweep_dir).values())
+    assert "12 to run (1 tasks, 1 of them packs)" in out and "8 completed, 4 diverged, 0 failed" in out
+    assert all(json.loads(p.read_text())["packed_runs"] == 12 for p in results(sweep_dir).values())
+    again = run_harness("sweep", spec, "--sweep-dir", sweep_dir, env=env()).stdout
+    assert "12 finished, 0 running elsewhere, 0 to run" in again  # a diverged run is a result: never retried
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -184,7 +187,7 @@ def test_packed_sweep_is_one_tensorboard_logdir_with_hparams(tmp_path, digits_sh
     base = f"http://127.0.0.1:{port}"
     try:
         runs, deadline = [], time.time() + 300
-        while time.time() < deadline and len(runs) < 9:
+        while time.time() < deadline and len(runs) < 13:
             try:
                 runs = json.loads(urllib.request.urlopen(f"{base}/data/runs", timeout=5).read())
             except OSError:
@@ -201,7 +204,7 @@ def test_packed_sweep_is_one_tensorboard_logdir_with_hparams(tmp_path, digits_sh
         experiment = post("experiment", {"experimentName": ""})
         hparams = {h["name"]: h for h in experiment["hparamInfos"]}
         assert {"optim.name", "optim.effective_lr", "seed", "batch.global_batch_size"} <= set(hparams)
-        assert hparams["optim.effective_lr"]["domainDiscrete"] == [0.1, 0.4]
+        assert hparams["optim.effective_lr"]["domainDiscrete"] == [0.1, 0.4, 1000.0]
         assert {m["name"]["tag"] for m in experiment["metricInfos"]} >= {"final/test_accuracy", "final/train_loss"}
         groups = post("session_groups", {
             "experimentName": "", "startIndex": 0, "sliceSize": 100,
@@ -209,11 +212,16 @@ def test_packed_sweep_is_one_tensorboard_logdir_with_hparams(tmp_path, digits_sh
             "colParams": [{"hparam": "optim.effective_lr", "includeInResult": True},
                           {"hparam": "optim.name", "includeInResult": True},
                           {"metric": {"tag": "final/test_accuracy", "group": ""}, "includeInResult": True}]})
-        assert groups["totalSize"] == 8
+        assert groups["totalSize"] == 12
         for group in groups["sessionGroups"]:
             result = json.loads((sweep_dir / group["name"].rsplit("/", 1)[0] / "result.json").read_text())
-            (acc,) = [m["value"] for m in group["metricValues"] if m["name"]["tag"] == "final/test_accuracy"]
-            assert acc == pytest.approx(result["test_accuracy"], rel=1e-6)
+            (session,) = group["sessions"]
+            accs = [m["value"] for m in group["metricValues"] if m["name"]["tag"] == "final/test_accuracy"]
+            if result["status"] == "diverged":
+                assert session["status"] == "STATUS_FAILURE" and group["hparams"]["optim.effective_lr"] == 1000.0
+                assert not accs
+            else:
+                assert session["status"] == "STATUS_SUCCESS" and accs[0] == pytest.approx(result["test_accuracy"], rel=1e-6)
             assert group["hparams"]["optim.name"] in ("sgd", "momentum")
     finally:
         tb.terminate()
