@@ -378,8 +378,9 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
     outcomes = []
     cores = os.cpu_count() or 1
     # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (torch reads it itself).
-    threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // max_parallel)
-    if max_parallel == 1 or len(tasks) == 1:
+    workers = max(1, min(max_parallel, len(tasks)))
+    threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // workers)
+    if workers == 1:
         if threads:
             torch.set_num_threads(threads)
         for task in tasks:
@@ -387,7 +388,7 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
                 report(o)
                 outcomes.append(o)
         return outcomes
-    with ProcessPoolExecutor(max_parallel, mp_context=get_context("spawn"), initializer=_init_worker,
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
         try:
