@@ -94,6 +94,18 @@ class BudgetConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    # backend: deepspeed only. A DeepSpeed JSON merged over the config the harness derives (batch sizes from the
+    # batch plan, gradient_clipping from optim.grad_clip_norm, bf16 autocast from precision); it may add any
+    # other DeepSpeed key; a key that contradicts the harness config is an error (harness/engine.py).
+    config: Optional[str] = None
+
+    def validate(self, path: str) -> None:
+        if self.config is not None and not Path(self.config).is_file():
+            raise ConfigError(f"config key {path}.config: {self.config} is not a file; point it at a DeepSpeed JSON or set it to null")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = positive(10)
     tensorboard: bool = True
@@ -142,6 +154,7 @@ class Config:
     seed: int = 0
     precision: Literal["fp32", "fp64", "bf16"] = "fp32"
     backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: models.ModelConfig = _model_field()
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +166,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+
+    def validate(self, path: str) -> None:
+        if self.backend == "deepspeed" and self.precision == "fp64":
+            raise ConfigError("config key precision: fp64 does not work with backend: deepspeed (DeepSpeed reduces "
+                              "gradients in fp32/bf16 only); use precision: fp32 or bf16, or backend: ddp")
 
 
 def from_dict(data: dict) -> Config:
@@ -181,7 +199,7 @@ def replace(cfg: Config, **changes) -> Config:
 
 # Keys that may differ when a run directory is resumed: they change the layout, the logging or where
 # files are, never the trajectory (promise 1).
-LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device", "backend", "data.path",
+LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device", "backend", "deepspeed.", "data.path",
                "data.eval_batch_size", "log.", "checkpoint.", "eval.")
 
 

@@ -56,6 +56,14 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when the launcher started none (W = 1), for libraries that insist on one (DeepSpeed).
+    An in-memory store: no address, no port, nothing another job could collide with."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -86,7 +86,7 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
     n_params = models.count_parameters(model)
     m = momentum_of(cfg.optim.name, cfg.optim.momentum)
     engine = build_engine(cfg.backend, model, build_optimizer(model.parameters(), cfg.optim.name, m, cfg.optim.weight_decay),
-                          env, cfg.precision, cfg.optim.grad_clip_norm)
+                          env, cfg.precision, cfg.optim.grad_clip_norm, plan=plan, deepspeed_config_path=cfg.deepspeed.config)
     objective = objectives.for_task(data.spec.task)
     eps0 = cfg.optim.effective_lr
     gamma = decay_factor(eps0, cfg.schedule.decay_factor, cfg.schedule.final_lr)
