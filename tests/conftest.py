@@ -72,3 +72,14 @@ def digits_shards(tmp_path_factory) -> Path:
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM cluster on this machine: munged, slurmctld and two `slurmd -N node1/node2` (4 fake GPUs and
+    32 CPUs each), private to this session; installs slurm-wlm and munge with apt-get if missing.
+    API: tests/slurm_cluster.py (sbatch, wait, output, squeue, signal, step_nodes, env, logs)."""
+    from tests.slurm_cluster import SlurmCluster
+
+    with SlurmCluster(nodes=2) as cluster:
+        yield cluster

@@ -18,6 +18,7 @@ packages are installed here if missing, so CI needs no extra step.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -70,10 +71,12 @@ class SlurmCluster:
 
     nodes:         number of emulated nodes (node1, node2, ...)
     cpus_per_node: CPUs each node declares (more than the machine has is fine: no binding, no cgroups)
-    gpus_per_node: fake GPUs each node declares as gres (no device files; CUDA still sees none); 0: none
+    gpus_per_node: GPUs each node declares as gres, backed by plain files (CUDA sees none), so scripts with
+                   `#SBATCH --gpus-per-node=4` submit unchanged; `sbatch --gpus-per-node=1` then gives
+                   SLURM_GPUS_ON_NODE=1, i.e. one training process per node. 0: no gres at all.
     """
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 8, gpus_per_node: int = 0, memory_mb: int = 8000):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 32, gpus_per_node: int = 4, memory_mb: int = 8000):
         self.nodes = [f"node{i + 1}" for i in range(nodes)]
         self.cpus_per_node = cpus_per_node
         self.gpus_per_node = gpus_per_node
@@ -136,6 +139,8 @@ class SlurmCluster:
         gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
         lines = [
             f"ClusterName=harness{ctld_port}",
+            # Job ids (and so the launcher's rendezvous ports and ids) differ between clusters running at once.
+            f"FirstJobId={random.randrange(10_000, 1_000_000)}",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
@@ -154,8 +159,12 @@ class SlurmCluster:
             "JobRequeue=1", "MailProg=/bin/true",
         ]
         if self.gpus_per_node:
+            # slurmd counts a GPU per device file; plain files stand in for /dev/nvidiaN (CUDA still sees none).
+            (r / "dev").mkdir(mode=0o755)
+            for i in range(self.gpus_per_node):
+                (r / "dev" / f"gpu{i}").touch()
             lines.append("GresTypes=gpu")
-            (r / "gres.conf").write_text(f"NodeName={','.join(self.nodes)} Name=gpu Count={self.gpus_per_node}\n")
+            (r / "gres.conf").write_text(f"Name=gpu File={r / 'dev'}/gpu[0-{self.gpus_per_node - 1}]\n")
         for node, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
                          f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb}{gres} State=UNKNOWN")
@@ -278,6 +287,13 @@ class SlurmCluster:
     def signal(self, job_id: str, sig: str = "USR1", batch_only: bool = True) -> None:
         """Send a signal as SLURM's --signal=B:SIG@T would (batch shell only), or to all job steps."""
         self.run("scancel", f"--signal={sig}", *(["--batch"] if batch_only else []), job_id)
+
+    def step_nodes(self, job_id: str, step: str = "0") -> set[str]:
+        """The nodes whose slurmd launched tasks of step JOB.STEP (read from the slurmd logs: this cluster has no
+        accounting database). Step 0 is the job's first srun."""
+        pattern = f"launch task StepId={job_id}.{step} "
+        return {node for node in self.nodes
+                if pattern in (self.root / "log" / f"slurmd-{node}.log").read_text(errors="replace")}
 
     def node_states(self) -> dict[str, str]:
         proc = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
