@@ -173,6 +173,8 @@ class DeepSpeedEngine:
         self.optimizer = optimizer  # DeepSpeed steps this very object (no ZeRO, no wrapper): lr is set on it
         self.plan = plan
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        if self.ds.global_rank == 0:  # the config in effect, for the log (clipping 0.0 shows it is off)
+            print(f"harness: deepspeed {deepspeed.__version__} engine, config {json.dumps(self.config)}", flush=True)
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = device.type
 

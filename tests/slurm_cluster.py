@@ -259,14 +259,21 @@ class SlurmCluster:
         line = proc.stdout.strip().splitlines()[0]
         return dict(re.findall(r"(\w[\w:/]*)=(\S*)", line))
 
-    def wait(self, job_id: str, timeout: float = 600, poll: float = 1.0) -> dict:
+    def wait(self, job_id: str, timeout: float = 600, poll: float = 1.0, release_requeued: bool = True) -> dict:
         """Block until the job reaches a terminal state; return its `job()` record. Raises SlurmError
-        (with the job's output and the daemon logs) on timeout."""
+        (with the job's output and the daemon logs) on timeout.
+
+        SLURM holds a requeued batch job for about 2 minutes (Reason=BeginTime) before it may start again;
+        with release_requeued (default) that hold is lifted at once (`scontrol update StartTime=now`), so a
+        requeue-and-resume test does not sleep. Restarts in the returned record counts the requeues."""
         deadline = time.time() + timeout
         while True:
             info = self.job(job_id)
             if info.get("JobState") in TERMINAL_STATES:
                 return info
+            if (release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+                    and info.get("Restarts", "0") != "0"):
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             if time.time() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise SlurmError(f"job {job_id} not finished after {timeout:.0f} s (state {info.get('JobState')}):\n"
