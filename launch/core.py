@@ -212,13 +212,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_command(layout: Layout, python: str, train_args: Sequence[str], max_restarts: int = 0) -> list[str]:
+def worker_command(layout: Layout, python: str, train_args: Sequence[str], max_restarts: int = 0,
+                   visible_devices: str | None = None) -> list[str]:
     """The per-node launcher line (torchrun or deepspeed) that starts the training processes."""
     train = ["-m", "harness", "train", *train_args]
     if layout.launcher == "deepspeed":
+        # The deepspeed launcher drops CUDA_VISIBLE_DEVICES when given --num_gpus and would then use GPUs 0..P-1
+        # of the node, not the ones SLURM assigned: name the visible ones with --include instead.
+        ids = [d for d in (visible_devices or "").split(",") if d.strip()]
+        if ids and len(ids) < layout.nproc_per_node:
+            raise LaunchError(f"{layout.nproc_per_node} processes per node but only {len(ids)} visible GPUs "
+                              f"(CUDA_VISIBLE_DEVICES={visible_devices}); lower --nproc-per-node")
+        devices = f"--include=localhost:{','.join(ids[:layout.nproc_per_node])}" if ids else f"--num_gpus={layout.nproc_per_node}"
         # --no_local_rank: the harness reads LOCAL_RANK from the environment, not from a --local_rank argument.
-        return [python, "-m", "deepspeed.launcher.runner", f"--num_gpus={layout.nproc_per_node}",
-                f"--master_port={layout.port}", "--no_local_rank", "--module", "harness", "train", *train_args]
+        return [python, "-m", "deepspeed.launcher.runner", devices, f"--master_port={layout.port}", "--no_local_rank",
+                "--module", "harness", "train", *train_args]
     cmd = [python, "-m", "torch.distributed.run", f"--nnodes={layout.nnodes}", f"--nproc-per-node={layout.nproc_per_node}"]
     if layout.rdzv_endpoint is None:
         cmd += ["--standalone"]
@@ -244,7 +252,7 @@ def build_commands(layout: Layout, python: str, train_args: Sequence[str], env: 
                    max_restarts: int = 0) -> list[list[str]]:
     """The exact commands to run: one inside SLURM (srun starts the launcher on every node); outside SLURM the
     one line every node runs."""
-    worker = worker_command(layout, python, train_args, max_restarts)
+    worker = worker_command(layout, python, train_args, max_restarts, env.get("CUDA_VISIBLE_DEVICES"))
     if layout.slurm_job:
         return [srun_prefix(layout, env) + worker]
     return [worker]

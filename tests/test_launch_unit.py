@@ -109,6 +109,11 @@ def test_commands_outside_slurm():
     (cmd,) = build_commands(ds, "py", ["c.yaml"], {})
     assert cmd == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--master_port=29731", "--no_local_rank",
                    "--module", "harness", "train", "c.yaml"]
+    # GPUs SLURM assigned stay the ones used (the deepspeed launcher drops CUDA_VISIBLE_DEVICES on --num_gpus).
+    (cmd,) = build_commands(ds, "py", ["c.yaml"], {"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert cmd[3] == "--include=localhost:4,5"
+    with pytest.raises(LaunchError, match="only 1 visible GPUs"):
+        build_commands(ds, "py", ["c.yaml"], {"CUDA_VISIBLE_DEVICES": "3"})
 
 
 def launch_main(args, capsys):
