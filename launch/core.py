@@ -39,6 +39,7 @@ LAUNCHERS = ("torchrun", "deepspeed")
 # minute after the head, which on a busy filesystem is common (pytorch#69197, #107021).
 JOIN_TIMEOUT = 900
 READ_TIMEOUT = 300
+DEFAULT_PORT = 29400  # torchrun's c10d default
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,17 @@ def _positive(value, what: str) -> int | None:
     return n
 
 
+def processes_per_node(env: Mapping[str, str], explicit: int | None, local_gpus: Callable[[], int]) -> tuple[int, str]:
+    """Explicit setting, else the GPUs SLURM gave each node (inside a job) or the visible GPUs, else 1."""
+    if explicit is not None:
+        return explicit, "explicit"
+    if env.get("SLURM_JOB_ID"):
+        gpus = gpus_from_slurm(env)
+        return (gpus, "GPUs SLURM gave each node") if gpus else (1, "CPU-only node: 1")
+    gpus = local_gpus()
+    return (gpus, "visible GPUs") if gpus else (1, "no GPU: 1")
+
+
 def resolve_layout(env: Mapping[str, str], *, launcher: str = "torchrun", nodes: int | None = None,
                    nproc_per_node: int | None = None, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
                    port: int | None = None, scontrol: Runner = run_scontrol,
@@ -152,56 +164,43 @@ def resolve_layout(env: Mapping[str, str], *, launcher: str = "torchrun", nodes:
     if launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher {launcher!r} is not one of: {', '.join(LAUNCHERS)}")
     nodes = _positive(nodes, "--nodes")
-    nproc_per_node = _positive(nproc_per_node, "--nproc-per-node (HARNESS_NPROC_PER_NODE)")
     port = _positive(port, "--rdzv-port (HARNESS_RDZV_PORT)")
     job = env.get("SLURM_JOB_ID") or None
-
+    nnodes = nodes or 1
     if job:
-        allocated = _positive(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1", "SLURM_JOB_NUM_NODES")
-        if nodes is not None and nodes != allocated:
-            raise LaunchError(f"--nodes {nodes} but SLURM job {job} has {allocated} node(s); "
+        nnodes = _positive(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1", "SLURM_JOB_NUM_NODES")
+        if nodes is not None and nodes != nnodes:
+            raise LaunchError(f"--nodes {nodes} but SLURM job {job} has {nnodes} node(s); "
                               f"submit with sbatch --nodes={nodes}, or drop --nodes")
-        nnodes = allocated
-        gpus = gpus_from_slurm(env)
-        if nproc_per_node is not None:
-            nproc, source = nproc_per_node, "explicit"
-        elif gpus:
-            nproc, source = gpus, "GPUs SLURM gave each node"
-        else:
-            nproc, source = 1, "CPU-only node: 1"
-    else:
-        nnodes = nodes or 1
-        if nproc_per_node is not None:
-            nproc, source = nproc_per_node, "explicit"
-        else:
-            gpus = local_gpus()
-            nproc, source = (gpus, "visible GPUs") if gpus else (1, "no GPU: 1")
-
+    nproc, source = processes_per_node(env, _positive(nproc_per_node, "--nproc-per-node (HARNESS_NPROC_PER_NODE)"),
+                                       local_gpus)
     if launcher == "deepspeed" and nnodes > 1:
         raise LaunchError(
             f"the deepspeed launcher reaches other nodes through pdsh/ssh and a hostfile, outside SLURM's control; "
             f"for {nnodes} nodes use --launcher torchrun (the default): backend: deepspeed runs under torchrun")
 
-    endpoint = None
+    host = None
     if rdzv_endpoint:
         host, _, p = rdzv_endpoint.rpartition(":") if ":" in rdzv_endpoint else (rdzv_endpoint, "", "")
         if not host:
             raise LaunchError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST or HOST:PORT")
         port = _positive(p, f"the port of --rdzv-endpoint {rdzv_endpoint!r}") or port
     if port is None:
-        port = slurm_port(job) if job else (free_port or _free_port)()
+        # Every node must compute the same port: from the job id in SLURM, torchrun's c10d default across
+        # nodes outside it; a single node may take any free one.
+        port = slurm_port(job) if job else DEFAULT_PORT if nnodes > 1 else (free_port or _free_port)()
+    endpoint = None
     if nnodes > 1:
-        if rdzv_endpoint:
-            endpoint = f"{host}:{port}"
-        elif job:
+        if host is None and not job:
+            raise LaunchError(f"cannot work out the head node for {nnodes} nodes outside a SLURM job; pass "
+                              "--rdzv-endpoint HOST:PORT (the same on every node; HOST is the first node)")
+        if host is None:
             nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             if not nodelist:
                 raise LaunchError(f"cannot work out the head node: SLURM job {job} but SLURM_JOB_NODELIST is unset; "
                                   "pass --rdzv-endpoint HOST:PORT")
-            endpoint = f"{node_address(head_node(nodelist, scontrol), scontrol, resolve)}:{port}"
-        else:
-            raise LaunchError(f"cannot work out the head node for {nnodes} nodes outside a SLURM job; pass "
-                              "--rdzv-endpoint HOST:PORT (the same on every node; HOST is the first node)")
+            host = node_address(head_node(nodelist, scontrol), scontrol, resolve)
+        endpoint = f"{host}:{port}"
     # SLURM_JOB_ID is unique per array task too, so concurrent tasks never share a rendezvous.
     return Layout(launcher, nnodes, nproc, endpoint, rdzv_id or job or "harness", port, job, source)
 

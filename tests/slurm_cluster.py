@@ -6,10 +6,20 @@ state, spool, logs) lives in a private temp dir, every daemon gets free ports, a
 its own name, so several test sessions (several worktrees) can each run one at the same time and
 none touches the machine's own /etc/slurm or /run/munge. `stop()` ends only the processes started here.
 
-    with SlurmCluster(nodes=2) as cluster:
-        job = cluster.sbatch("slurm/cifar10_wrn16_4.sh", "--set", "model.depth=10", sbatch_args=["--nodes=2"])
-        info = cluster.wait(job)              # {"JobState": "COMPLETED", "ExitCode": "0:0", "NodeList": ...}
+    with SlurmCluster(nodes=2) as cluster:   # or the session fixture `slurm_cluster` (tests/conftest.py)
+        job = cluster.sbatch("slurm/cifar10_wrn16_4.sh", "--set", "model.depth=10",
+                             sbatch_args=["--nodes=2", "--gpus-per-node=1"], env=..., cwd=...)
+        info = cluster.wait(job)              # {"JobState": "COMPLETED", "ExitCode": "0:0", "NodeList": ..., "Restarts": ...}
         print(cluster.output(job))            # the job's stdout file
+        cluster.step_nodes(job)               # {"node1", "node2"}: where its first srun ran tasks
+        cluster.signal(job, "USR1")           # as --signal=B:USR1@T does: the batch shell only
+        cluster.jobs(array_id)                # one record per array task; wait() waits for all of them
+        cluster.env / cluster.client_env(X=1) # os.environ + SLURM_CONF, for sbatch/srun/scontrol you run yourself
+
+Each node declares 32 CPUs and 4 GPUs (gres backed by plain files; CUDA sees none), so scripts with realistic
+#SBATCH defaults submit unchanged. Job ids start at a random number per cluster (FirstJobId) so concurrent clusters'
+jobs (and the rendezvous ports and ids the launcher derives from them) differ. wait() lifts SLURM's ~2 minute hold
+on a requeued job. HARNESS_KEEP_SLURM=1 keeps the temp dir (configs, daemon logs, job logs) after stop().
 
 Needs root (slurmd launches jobs as the submitting user) and, on a bare machine, apt-get: the
 packages are installed here if missing, so CI needs no extra step.
@@ -250,17 +260,21 @@ class SlurmCluster:
         proc = self.run("sbatch", "--parsable", *opts, script, *args, env=env, cwd=cwd)
         return proc.stdout.strip().split(";")[0]
 
-    def job(self, job_id: str) -> dict:
-        """`scontrol show job -o` as a dict (JobState, ExitCode, NodeList, StdOut, Restarts, ...)."""
+    def jobs(self, job_id: str) -> list[dict]:
+        """`scontrol show job -o JOB` as dicts (JobState, ExitCode, NodeList, StdOut, Restarts, ArrayTaskId, ...):
+        one per job, so one per array task (tasks not started yet share one record) for an array's id."""
         proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         if proc.returncode != 0:
             raise SlurmError(f"scontrol show job {job_id}: {proc.stderr.strip()}")
-        # One line per job (several for an array); the first describes job_id itself.
-        line = proc.stdout.strip().splitlines()[0]
-        return dict(re.findall(r"(\w[\w:/]*)=(\S*)", line))
+        return [dict(re.findall(r"(\w[\w:/]*)=(\S*)", line)) for line in proc.stdout.strip().splitlines() if line.strip()]
+
+    def job(self, job_id: str) -> dict:
+        """The first record of `jobs(job_id)`: the job itself (for an array id, one of its tasks)."""
+        return self.jobs(job_id)[0]
 
     def wait(self, job_id: str, timeout: float = 600, poll: float = 1.0, release_requeued: bool = True) -> dict:
-        """Block until the job reaches a terminal state; return its `job()` record. Raises SlurmError
+        """Block until the job (every task of an array) reaches a terminal state; return its `job()` record
+        (`jobs()` has every task's). Raises SlurmError
         (with the job's output and the daemon logs) on timeout.
 
         SLURM holds a requeued batch job for about 2 minutes (Reason=BeginTime) before it may start again;
@@ -268,12 +282,14 @@ class SlurmCluster:
         requeue-and-resume test does not sleep. Restarts in the returned record counts the requeues."""
         deadline = time.time() + timeout
         while True:
-            info = self.job(job_id)
-            if info.get("JobState") in TERMINAL_STATES:
+            records = self.jobs(job_id)
+            info = records[0]
+            if all(r.get("JobState") in TERMINAL_STATES for r in records):  # every task of an array
                 return info
-            if (release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
-                    and info.get("Restarts", "0") != "0"):
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            for r in records:
+                if (release_requeued and r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime"
+                        and r.get("Restarts", "0") != "0"):
+                    self.run("scontrol", "update", f"JobId={r['JobId']}", "StartTime=now", check=False)
             if time.time() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise SlurmError(f"job {job_id} not finished after {timeout:.0f} s (state {info.get('JobState')}):\n"
@@ -281,7 +297,8 @@ class SlurmCluster:
             time.sleep(poll)
 
     def output(self, job_id: str) -> str:
-        """The job's stdout file (empty if not written yet)."""
+        """The job's stdout file (empty if not written yet); for an array, one task's (each record of `jobs()`
+        names its own StdOut)."""
         path = self.job(job_id).get("StdOut")
         return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
 

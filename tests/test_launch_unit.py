@@ -102,9 +102,11 @@ def test_commands_outside_slurm():
     (cmd,) = build_commands(one, "py", ["c.yaml"], {})
     assert cmd == ["py", "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--standalone",
                    "-m", "harness", "train", "c.yaml"]
-    two = resolve_layout({}, nodes=2, rdzv_endpoint="10.0.0.5:29400", rdzv_id="exp1", local_gpus=lambda: 0)
+    two = resolve_layout({}, nodes=2, rdzv_endpoint="10.0.0.5:29411", rdzv_id="exp1", local_gpus=lambda: 0)
     (cmd,) = build_commands(two, "py", ["c.yaml"], {})
-    assert "--rdzv-endpoint=10.0.0.5:29400" in cmd and "--rdzv-id=exp1" in cmd and "--nnodes=2" in cmd
+    assert "--rdzv-endpoint=10.0.0.5:29411" in cmd and "--rdzv-id=exp1" in cmd and "--nnodes=2" in cmd
+    # Without a port every node must still agree on one (not a free port picked on each node).
+    assert resolve_layout({}, nodes=2, rdzv_endpoint="10.0.0.5", free_port=lambda: 4242).rdzv_endpoint == "10.0.0.5:29400"
     ds = resolve_layout({}, launcher="deepspeed", nproc_per_node=2, port=29731)
     (cmd,) = build_commands(ds, "py", ["c.yaml"], {})
     assert cmd == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--master_port=29731", "--no_local_rank",
