@@ -69,6 +69,9 @@ def requeue_slurm_job() -> str | None:
         proc = subprocess.run([exe, "requeue", target], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {target} failed ({e}); the checkpoint is saved: resubmit the same command to continue"
+    if proc.returncode < 0:
+        # SLURM stops the whole job to requeue it, scontrol included, often before scontrol returns.
+        return f"requeue of SLURM job {target} accepted (SLURM is stopping this job to requeue it)"
     if proc.returncode != 0:
         why = (proc.stderr or proc.stdout).strip().splitlines()
         return (f"scontrol requeue {target} failed ({why[-1] if why else f'exit {proc.returncode}'}); "

@@ -121,3 +121,46 @@ def test_imagenet_script_on_two_nodes(slurm_cluster, tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == 2 and result["layout"]["world_size"] == 2
     assert isinstance(result["test_accuracy"], float) and list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(slurm_cluster, cifar_shards, tmp_path):
+    """Issue 6 on the real cluster: SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time
+    limit) -> checkpoint at the next step -> `scontrol requeue` -> the requeued job resumes -> completion, with
+    final parameters equal to an uninterrupted run of the same config and world size (fp64)."""
+    from tests.conftest import final_state, torchrun
+
+    steps = 24
+    overrides = [*TINY, "precision=fp64", f"data.path={cifar_shards}", f"budget.steps={steps}",
+                 "checkpoint.every_minutes=null", "log.tensorboard=false"]
+    reference = tmp_path / "reference"
+    torchrun(2, "train", ROOT / "yaml" / "cifar10_wrn16_4.yaml", "--set", *overrides, "--run-dir", reference)
+
+    run = tmp_path / "run"
+    job = submit(slurm_cluster, "cifar10_wrn16_4.sh", "--set", *overrides, "--run-dir", run,
+                 sbatch_args=["--nodes=2", "--gpus-per-node=1"])
+    deadline = time.time() + 600
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm_cluster.output(job)[-6000:]
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.5)
+    slurm_cluster.signal(job, "USR1")
+    info = slurm_cluster.wait(job, timeout=900)
+    out = slurm_cluster.output(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-6000:]
+    assert int(info["Restarts"]) == 1, out[-6000:]
+    assert "stop requested (STOP file)" in out, out[-6000:]
+    assert f"requeue of SLURM job {job} accepted" in out or f"requeued SLURM job {job}" in out, out[-6000:]
+    assert "SLURM_RESTART_COUNT=1" in out and "resumed from" in out
+
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps"] == steps
+    first, second = result["segments"]
+    assert first["from_step"] == 0 and 0 < second["from_step"] < steps and second["restart_count"] == "1"
+    ref, got = final_state(reference), final_state(run)
+    assert all(torch_equal(ref[k], got[k]) for k in ref), "resumed parameters differ from the uninterrupted run"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
