@@ -38,6 +38,7 @@ with another layout it continues at the same epoch and fraction of it, with that
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import itertools
@@ -110,6 +111,13 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
 
 
+def _worker_init(_: int) -> None:
+    # A forked worker inherits the training process's objects, among them other loaders' iterators; were its
+    # garbage collector to free one, that iterator's __del__ would try to stop workers that are not its
+    # children. Freeze what was inherited: the worker collects only its own garbage.
+    gc.freeze()
+
+
 def clean_error(e: DataError) -> DataError:
     """A DataError raised in a loader worker arrives wrapped with the worker's traceback: keep its one line."""
     lines = [ln for ln in str(e).splitlines() if ln.startswith("harness.errors.DataError: ")]
@@ -177,7 +185,8 @@ class ShardStream(IterableDataset):
                         raise DataError(f"shard {piece.path} fails its checksum (corrupt); re-run the conversion into "
                                         f"{self.root} to rewrite it")
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            message = (f"shard {piece.path} is truncated or corrupt ({type(e).__name__}: {e} after {position} samples); "
+            reason = e.args[0] if e.args else ""  # webdataset appends the stream and url to args
+            message = (f"shard {piece.path} is truncated or corrupt ({type(e).__name__}: {reason}, after {position} samples); "
                        f"re-run the conversion into {self.root}")
             if not self.skip_bad:
                 raise DataError(message) from None
@@ -234,13 +243,15 @@ class ShardStream(IterableDataset):
         """RandomResizedCrop's (top, left, height, width) for an image of `size`, drawn from the example's key."""
         rrc = _rrc(self.image_size)
         probe = torch.empty((0, *size), dtype=torch.uint8)  # make_params reads only the size
-        if get_worker_info() is not None:  # a worker process: its global RNG serves only this
-            torch.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
-            p = rrc.make_params([probe])
-        else:  # in the training process: leave its RNG (dropout, ...) untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
-                p = rrc.make_params([probe])
+        # make_params draws from torch's global CPU generator: seed it with the key (the generator's own
+        # manual_seed: torch.manual_seed also seeds every accelerator, at ~5 ms a call), and in the training
+        # process restore it afterwards (its RNG also serves dropout, ...).
+        generator = torch.random.default_generator
+        saved = generator.get_state() if get_worker_info() is None else None
+        generator.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+        p = rrc.make_params([probe])
+        if saved is not None:
+            generator.set_state(saved)
         return p["top"], p["left"], p["height"], p["width"]
 
     def _reject(self, message: str):
@@ -320,6 +331,10 @@ class StreamingImages:
     """The trainer's data source for streamed JPEG shards (see the module docstring for its guarantees)."""
 
     def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, options):
+        # Imported here once (seconds: torchvision pulls in torch._dynamo), inherited by the forked workers.
+        import torchvision.io  # noqa: F401
+        import torchvision.transforms.v2  # noqa: F401
+
         root = Path(path)
         self.plan, self.rank, self.device, self.dtype = plan, rank, device, dtype
         self.options = options
@@ -349,7 +364,8 @@ class StreamingImages:
         # A generator of its own: the DataLoader draws its workers' base seed from it at every epoch, and
         # would otherwise advance the training process's global RNG (we seed everything from keys anyway).
         loader = dict(batch_size=None, num_workers=options.workers, pin_memory=cuda, persistent_workers=False,
-                      prefetch_factor=4 if options.workers else None, generator=torch.Generator().manual_seed(seed))
+                      prefetch_factor=4 if options.workers else None, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=_worker_init if options.workers else None)
         self.train_loader = wds.WebLoader(self.train_stream, **loader)
         self.eval_loader = DataLoader(self.eval_stream, **loader)
         std = torch.tensor(manifest["std"], dtype=torch.float64)
