@@ -4,6 +4,9 @@
   spec                        what the model needs to know (task, classes, input shape, sizes)
   train_micro_batches(step)   this rank's A micro-batches of global batch `step`, as (inputs, targets)
   eval_batches()              this rank's share of the test split, each example exactly once over ranks
+Sources: memory.InMemoryImages (digits, CIFAR, MNIST: identical global batches at every layout) and
+stream.StreamingImages (ImageNet: equal batch counts per rank, no repeats per epoch; see their docstrings).
+Neither needs state in a checkpoint: the data position is a function of the step.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ KNOWN = {
 
 def spec_from_manifest(manifest: dict) -> DataSpec:
     splits = manifest["splits"]
+    # Streamed JPEGs have no fixed shape: the reader crops data.image_size (the standard 224 shown here).
+    shape = manifest.get("image_shape") or (KNOWN[manifest["kind"]].in_shape if manifest.get("kind") in STREAMING else ())
     return DataSpec(
         kind=manifest["kind"], task=manifest["task"], num_train=splits["train"]["size"],
         num_test=splits.get(manifest.get("eval_split", "test"), {}).get("size", 0),
         num_classes=len(manifest.get("classes", [])),
-        in_shape=tuple(manifest.get("image_shape", KNOWN[manifest["kind"]].in_shape if manifest.get("kind") in STREAMING else ())),
+        in_shape=tuple(shape),
         vocab_size=manifest.get("vocab_size", 0),
     )
 
