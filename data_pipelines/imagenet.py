@@ -232,24 +232,29 @@ def scan_imagenet(src: Path, val_labels: str | None) -> tuple[list[str], dict[st
     return classes, {"train": (train_files, train_labels), "val": (val_files, [labels[p.stem] for p in val_files])}, str(label_path)
 
 
-def _sizes(paths: list[Path], threads: int) -> np.ndarray:
+def _stats(paths: list[Path], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes (to cut shards by bytes) and modification times (part of the source fingerprint) of the files."""
     with ThreadPoolExecutor(threads) as pool:
-        return np.fromiter(pool.map(lambda p: os.stat(p).st_size, paths, chunksize=256), dtype=np.int64, count=len(paths))
+        stats = np.array([(st.st_size, st.st_mtime_ns) for st in pool.map(os.stat, paths)], dtype=np.int64).reshape(-1, 2)
+    return stats[:, 0], stats[:, 1]
 
 
 def convert_imagenet(src: Path, dest: Path, shard_size: int | None = None, shard_bytes: int | None = None,
                      val_labels: str | None = None, skip_bad: bool = False, threads: int = 8) -> dict:
     classes, found, val_source = scan_imagenet(src, val_labels)
-    splits = {}
+    splits, stamps = {}, []
     for split, (files, labels) in found.items():
         files, labels = list(files), np.asarray(labels, dtype=np.int64)
         if split == "train":  # one fixed shuffle, so that every shard mixes all classes
             perm = np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(files))
             files, labels = [files[i] for i in perm], labels[perm]
-        sizes = _sizes(files, threads) if shard_size is None else None
-        splits[split] = Items([str(p) for p in files], labels, lambda i, files=files: files[i].read_bytes(), sizes)
+        sizes, mtimes = _stats(files, threads)
+        stamps.append(mtimes)
+        splits[split] = Items([str(p) for p in files], labels, lambda i, files=files: files[i].read_bytes(),
+                              sizes if shard_size is None else None)
     fp = fingerprint("imagenet", classes, skip_bad, TRAIN_ORDER_SEED,
-                     *[(it.names, it.labels.tolist(), None if it.sizes is None else it.sizes.tolist()) for it in splits.values()])
+                     *[(it.names, it.labels, it.sizes if it.sizes is not None else "by count") for it in splits.values()],
+                     *stamps)
     extra = {"source": {"path": str(src), "val_labels": val_source, "train_order": f"numpy default_rng({TRAIN_ORDER_SEED}) permutation"}}
     return write_jpeg_dataset("imagenet", dest, splits, classes, fp, shard_size, shard_bytes, threads, skip_bad, extra)
 

@@ -7,7 +7,8 @@ The W x K workers of a run are *slots* s = rank K + k. Per stream epoch e:
       (webdataset's ResampledShards, seeded by (seed, e, s));
   not resampled: the shards, permuted by (seed, e) identically on every rank, are read as one stream of
       T examples, and slot s reads the positions [s T / (W K), (s+1) T / (W K)) of it, so the slots'
-      parts are disjoint and differ in size by at most one example.
+      parts are disjoint and differ in size by at most one example (a part starting inside a shard seeks to
+      its first sample by walking the tar headers: no worker reads bytes outside its part).
 
 Each slot passes its samples through a shuffle buffer (`data.shuffle_buffer`, seeded by (seed, e, s)), then
 decodes and transforms them (train: RandomResizedCrop `image_size` + horizontal flip, torchvision
@@ -92,6 +93,32 @@ def part(shards: list[dict], root: Path, order: list[int], slots: int, slot: int
     return pieces
 
 
+def seek_sample(f, n: int) -> bool:
+    """Move `f` (a shard opened for reading, at offset 0) to the first header of its n-th sample by walking the tar
+    headers (a 512-byte read and a seek per member), so that a worker whose part starts inside a shard reads none
+    of the bytes before it. False (file position undefined) for anything but plain members written by
+    webdataset's TarWriter (USTAR): the caller then reads from the start and skips samples instead."""
+    seen, current = 0, None
+    while True:
+        offset = f.tell()
+        header = f.read(tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            return False
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:  # end of archive (zero block) or not USTAR
+            return False
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or "/" in info.name:
+            return False
+        key = info.name.split(".", 1)[0]  # webdataset's sample key: the name up to its first dot
+        if key != current:
+            if seen == n:
+                f.seek(offset)
+                return True
+            seen, current = seen + 1, key
+        f.seek(offset + tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+
+
 class _Hashing(io.RawIOBase):
     """A read-only file wrapper that hashes what passes through (checksums at no extra I/O)."""
 
@@ -167,6 +194,11 @@ class ShardStream(IterableDataset):
         position = 0
         try:
             with open(piece.path, "rb") as f:
+                if piece.start:
+                    if seek_sample(f, piece.start):
+                        position = piece.start
+                    else:
+                        f.seek(0)
                 stream = _Hashing(f) if piece.whole else f
                 expanded = wds.tariterators.tar_file_expander([{"url": piece.path, "stream": stream}])
                 for sample in wds.tariterators.group_by_keys(expanded):
@@ -364,7 +396,7 @@ class StreamingImages:
         # A generator of its own: the DataLoader draws its workers' base seed from it at every epoch, and
         # would otherwise advance the training process's global RNG (we seed everything from keys anyway).
         loader = dict(batch_size=None, num_workers=options.workers, pin_memory=cuda, persistent_workers=False,
-                      prefetch_factor=4 if options.workers else None, generator=torch.Generator().manual_seed(seed),
+                      prefetch_factor=2 if options.workers else None, generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=_worker_init if options.workers else None)
         self.train_loader = wds.WebLoader(self.train_stream, **loader)
         self.eval_loader = DataLoader(self.eval_stream, **loader)
@@ -378,9 +410,11 @@ class StreamingImages:
         self._iterator, self._position, self._epoch, self._skipped = None, -1, 0, 0
         used = slots * self.per_worker * m
         if rank == 0:
+            from tqdm import tqdm
+
             mode = "shards drawn with replacement" if options.resampled else f"{train['size'] - used} examples left out per epoch"
-            print(f"harness: stream: {self.per_epoch} micro-batches of {m} per rank per epoch ({plan.world_size} ranks x "
-                  f"{self.workers} workers x {self.per_worker}; {used} of {train['size']} examples; {mode})", file=sys.stderr)
+            tqdm.write(f"harness: stream: {self.per_epoch} micro-batches of {m} per rank per epoch ({plan.world_size} ranks x "
+                       f"{self.workers} workers x {self.per_worker}; {used} of {train['size']} examples; {mode})")
 
     # ---- training
     def _start(self, epoch: int, offset: int) -> None:

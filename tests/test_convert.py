@@ -1,6 +1,7 @@
 """`harness data convert` from fakes of each standard distribution in its exact on-disk format: manifests match
 the inputs, re-runs keep verified shards, bad input gets a one-line error naming the file and the fix."""
 
+import argparse
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ from data_pipelines.convert import convert
 from data_pipelines.memory import load_split
 from data_pipelines.shards import PARTIAL, read_manifest
 from data_pipelines.tokens import load_tokens
+from harness.cli import cmd_data_verify
 from harness.errors import DataError
 from tests import fakes
 from tests.conftest import run_harness
@@ -54,9 +56,12 @@ def test_rerun_keeps_verified_shards_and_rewrites_bad_ones(tmp_path):
     again = run_harness("data", "convert", "cifar10", src, dest, "--shard-size", "40")
     assert "train: 100 in 3 shards" in again.stdout
     assert shard_mtimes(dest) == before  # complete, verified shards are kept
+    assert cmd_data_verify(argparse.Namespace(dir=str(dest))) == 0
     # A truncated shard is rewritten; the others are kept.
     bad = dest / "train-000001.tar"
     bad.write_bytes(bad.read_bytes()[:5000])
+    with pytest.raises(DataError, match=f"shard {bad} is truncated or corrupt"):
+        cmd_data_verify(argparse.Namespace(dir=str(dest)))
     assert convert("cifar10", src, dest, shard_size=40) == first
     after = shard_mtimes(dest)
     assert after["train-000001.tar"] != before["train-000001.tar"]
@@ -148,6 +153,8 @@ def test_imagenet_tree(tmp_path, val):
         with tarfile.open(dest / shard["name"]) as tar:
             train_labels += [int(tar.extractfile(x).read()) for x in tar.getmembers() if x.name.endswith(".cls")]
     assert np.bincount(train_labels).tolist() == [10, 10, 10] and train_labels != sorted(train_labels)  # shuffled once
+    before = shard_mtimes(dest)
+    assert convert("imagenet", tmp_path / "ilsvrc", dest, shard_bytes=12_000) == m and shard_mtimes(dest) == before
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -104,7 +104,7 @@ log: {{every_steps: 3, progress: false, tensorboard: false}}
 """)
     run = tmp_path / "run"
     proc = torchrun(2, "train", cfg, "--run-dir", run, timeout=600)
-    assert "stream: 4 micro-batches of 32 per rank per epoch (2 ranks x 2 workers x 2" in proc.stderr
+    assert "stream: 4 micro-batches of 32 per rank per epoch (2 ranks x 2 workers x 2" in proc.stdout
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed" and result["layout"]["world_size"] == 2 and result["epochs"] == 1.5
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

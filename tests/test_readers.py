@@ -129,6 +129,23 @@ def test_stream_partitions_epochs_and_eval_over_ranks(imagenet_shards, workers):
     assert sorted(torch.cat(evaluated).tolist()) == list(range(96)) and abs(len(evaluated[0]) - len(evaluated[1])) <= 40
 
 
+def test_seek_sample_lands_on_each_sample(imagenet_shards):
+    import webdataset as wds
+
+    from data_pipelines.stream import seek_sample
+
+    path = imagenet_shards / "val-000001.tar"  # 32 samples
+    keys = [s["__key__"] for s in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(
+        [{"url": str(path), "stream": open(path, "rb")}]))]
+    for n in (1, 7, 31):
+        with open(path, "rb") as f:
+            assert seek_sample(f, n)
+            rest = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": str(path), "stream": f}]))
+            assert [s["__key__"] for s in rest] == keys[n:]
+    with open(path, "rb") as f:
+        assert not seek_sample(f, 32)  # past the end: the caller falls back to reading
+
+
 def test_stream_is_deterministic_and_resumes_exactly(imagenet_shards):
     for resampled in (False, True):
         ref = stream(imagenet_shards, workers=2, resampled=resampled, accum=2)  # 8 steps = one epoch of 16
@@ -192,3 +209,16 @@ def test_gpu_decode_matches_cpu_decode(imagenet_shards):
         assert x2.is_cuda and x.shape == x2.shape and torch.equal(k, k2) and torch.equal(y, y2)
         # Same crops; nvjpeg's IDCT differs from libjpeg-turbo's by a few levels.
         assert (x - x2).abs().mean() < 0.1
+
+
+def test_reader_config_keys_are_strict():
+    from harness.config import load_config
+    from harness.errors import ConfigError
+
+    cfg = load_config(None, ["data.path=x", "data.workers=0", "data.resampled=false", "data.image_size=32",
+                             "data.eval_resize=36"])
+    assert ReaderOptions.of(cfg.data) == ReaderOptions(0, 2000, False, 32, 36, False, False)
+    for bad, message in [("data.workers=-1", "must be >= 0"), ("data.resampled=maybe", "expected bool"),
+                         ("data.eval_resize=200", "must be >= data.image_size"), ("data.shuffle_bufer=5", "shuffle_buffer")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["data.path=x", bad])
