@@ -21,6 +21,7 @@ import hashlib
 import io
 import pickle
 import struct
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -89,7 +90,9 @@ class SplitWriter:
         self.previous = self.old.get("splits", {})
         self.done: dict[str, dict] = {}
         self.notes: Callable[[], dict] = dict  # more keys to keep in the partial manifest
-        self.bar = tqdm(total=total, desc=f"{kind} -> {dest}", unit="ex", disable=None, dynamic_ncols=True)
+        # Also in a batch job's log (not a terminal): then one update a minute, for conversions that take hours.
+        self.bar = tqdm(total=total, desc=f"{kind} -> {dest}", unit="ex", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 60)
 
     def _partial(self, split: str, entry: dict) -> None:
         atomic_write_json(self.dest / PARTIAL, {"format": FORMAT, "kind": self.kind, "fingerprint": self.fp,
@@ -365,7 +368,7 @@ def convert_ptb(src: Path, dest: Path, per_shard: int) -> dict:
     streams, vocab = read_ptb(src)
     fp = fingerprint("ptb", vocab, *streams.values(), per_shard)
     dest.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=1, desc=f"ptb -> {dest}", unit="dataset", disable=None) as bar:
+    with tqdm(total=1, desc=f"ptb -> {dest}", unit="dataset", mininterval=0.1 if sys.stderr.isatty() else 60) as bar:
         manifest = write_token_dataset("ptb", dest, streams, vocab, per_shard=per_shard,
                                        previous=previous_splits(dest, fp),
                                        extra={"source": str(src), "fingerprint": fp})
