@@ -91,16 +91,22 @@ class SplitWriter:
         self.done: dict[str, dict] = {}
         self.notes: Callable[[], dict] = dict  # more keys to keep in the partial manifest
         # Also in a batch job's log (not a terminal): then one update a minute, for conversions that take hours.
+        tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=f"{kind} -> {dest}", unit="ex", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 60)
+                        mininterval=0.1 if tty else 60, delay=0 if tty else 5)
 
     def _partial(self, split: str, entry: dict) -> None:
         atomic_write_json(self.dest / PARTIAL, {"format": FORMAT, "kind": self.kind, "fingerprint": self.fp,
                                                 **self.notes(), "splits": {**self.previous, **self.done, split: entry}})
 
     def split(self, split: str, samples: Callable, size: int, per_shard: int, bounds: list[int] | None = None) -> dict:
-        entry = write_split(self.dest, split, samples, size, per_shard, self.previous.get(split), self.bar.update,
-                            bounds=bounds, on_shard=lambda e: self._partial(split, e))
+        try:
+            entry = write_split(self.dest, split, samples, size, per_shard, self.previous.get(split), self.bar.update,
+                                bounds=bounds, on_shard=lambda e: self._partial(split, e))
+        except BaseException:
+            self.bar.leave = False  # erase the bar: the error must be the one line left
+            self.bar.close()
+            raise
         self.done[split] = entry
         return entry
 

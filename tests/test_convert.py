@@ -163,9 +163,10 @@ def test_imagenet_tree(tmp_path, val):
 def converted_error(*args) -> str:
     proc = run_harness("data", "convert", *args, check=False)
     assert proc.returncode == 4, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("harness: error: "), proc.stderr
-    return lines[0]
+    lines = proc.stderr.strip().splitlines()  # (a progress bar may precede it in a log)
+    assert lines[-1].startswith("harness: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert sum("harness: error" in line for line in lines) == 1
+    return lines[-1]
 
 
 def test_missing_source_names_the_expected_files(tmp_path):
