@@ -49,9 +49,15 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # After an elastic restart (torchrun --max-restarts) the agent's store still holds the previous
+        # attempt's keys, and gloo/nccl would connect to the dead workers' addresses ("Connection refused",
+        # pytorch#167288). A prefix per attempt keeps each restart's rendezvous keys apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
-            device_id=dev if use_cuda else None,
+            backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"harness/attempt-{attempt}", store),
+            rank=rank, world_size=world, timeout=timeout, device_id=dev if use_cuda else None,
         )
     return DistEnv(rank, world, local, dev)
 

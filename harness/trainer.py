@@ -29,7 +29,7 @@ from harness.optim import build_optimizer, momentum_of, torch_lr
 from harness.plan import make_batch_plan, to_steps
 from harness.rundir import RunLog, atomic_save_torch, atomic_write_json, atomic_write_text, read_json
 from harness.schedule import decay_factor, lr_at
-from harness.signals import StopRequest
+from harness.signals import StopRequest, requeue_slurm_job
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}  # bf16: fp32 weights, autocast
 
@@ -71,9 +71,8 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             return result
     if env.is_main:
         check_resumable(run_dir, cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
+    # Everything that can be wrong with the config, layout or data fails here, before the run dir exists.
     dtype = DTYPES[cfg.precision]
     plan = make_batch_plan(cfg.batch.global_batch_size, env.world_size, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
@@ -81,6 +80,9 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
                       plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data))
     d = to_steps(cfg.budget.steps, cfg.budget.epochs, data.spec.num_train, plan.global_batch_size,
                  cfg.eval.every_steps, cfg.eval.every_epochs, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and at every layout
     model = models.build_model(cfg.model, data.spec).to(env.device, dtype)
     n_params = models.count_parameters(model)
@@ -105,6 +107,8 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
         atomic_write_json(run_dir / "env.json", provenance.environment(env, plan))
 
     say(env, f"run dir {run_dir}")
+    if "job_id" in state.segments[-1]:
+        say(env, f"SLURM job {state.segments[-1]['job_id']}, SLURM_RESTART_COUNT={state.segments[-1].get('restart_count', 0)}")
     say(env, f"plan {plan.describe()}")
     say(env, f"model {cfg.model.name}: {n_params:,} parameters; data {data.spec.kind}: "
              f"{data.spec.num_train} train / {data.spec.num_test} test examples")
@@ -143,7 +147,7 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             bar.update(1)
             if d.eval_every and state.step % d.eval_every == 0 and state.step < d.total_steps:
                 log.write({"step": state.step, **evaluate(engine, objective, data)})
-            stopping = stats[-1].item() > 0
+            stopping = stats[-1].item() > 0 and state.step < d.total_steps  # a stop at the end is just the end
             due = (d.checkpoint_every and state.step % d.checkpoint_every == 0) or (
                 cfg.checkpoint.every_minutes is not None and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
             if (due or stopping) and state.step < d.total_steps:
@@ -152,6 +156,8 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             if stopping:
                 status = "interrupted"
                 say(env, f"stop requested ({stop.signal_name or 'another rank'}): checkpoint saved at step {state.step}")
+                if env.is_main and (note := requeue_slurm_job()):
+                    say(env, note)
                 break
     finally:
         bar.close()
