@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from data_pipelines import build_data
+from data_pipelines import ReaderOptions, build_data
 from harness import distributed, objectives, provenance
 from harness.checkpoint import Checkpointer, rng_state, set_rng_state
 from harness.config import Config, check_resumable, to_yaml
@@ -77,7 +77,7 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
     plan = make_batch_plan(cfg.batch.global_batch_size, env.world_size, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     data = build_data(cfg.data.name, cfg.data.path, cfg.data.augment, cfg.data.eval_batch_size,
-                      plan, cfg.seed, env.rank, env.device, dtype)
+                      plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data))
     d = to_steps(cfg.budget.steps, cfg.budget.epochs, data.spec.num_train, plan.global_batch_size,
                  cfg.eval.every_steps, cfg.eval.every_epochs, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs)
     if env.is_main:
