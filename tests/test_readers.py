@@ -215,10 +215,10 @@ def test_reader_config_keys_are_strict():
     from harness.config import load_config
     from harness.errors import ConfigError
 
-    cfg = load_config(None, ["data.path=x", "data.workers=0", "data.resampled=false", "data.image_size=32",
+    cfg = load_config(None, ["data.path=x", "budget.steps=1", "data.workers=0", "data.resampled=false", "data.image_size=32",
                              "data.eval_resize=36"])
     assert ReaderOptions.of(cfg.data) == ReaderOptions(0, 2000, False, 32, 36, False, False)
     for bad, message in [("data.workers=-1", "must be >= 0"), ("data.resampled=maybe", "expected bool"),
                          ("data.eval_resize=200", "must be >= data.image_size"), ("data.shuffle_bufer=5", "shuffle_buffer")]:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, ["data.path=x", bad])
+            load_config(None, ["data.path=x", "budget.steps=1", bad])
