@@ -22,12 +22,33 @@ class DataSpec:
     vocab_size: int = 0
 
 
-def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, dtype):
+def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, dtype, task_of=None, unroll=None):
+    """The reader for the task the model trains for: `task_of(manifest task) -> task` (ModelConfig.task;
+    the autoencoder turns labelled images into "reconstruction"), `unroll` = tokens per stream per step
+    (ModelConfig.sequence_length) for token streams."""
     from data_pipelines.memory import InMemoryImages
     from data_pipelines.shards import read_manifest
 
     manifest = read_manifest(path, name)
-    return InMemoryImages(path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size)
+    task = task_of(manifest["task"]) if task_of is not None else manifest["task"]
+    if task == "language_model":
+        from data_pipelines.text import TokenStreams
+        from harness.errors import ConfigError
+
+        if unroll is None:
+            raise ConfigError(f"data {name!r} is token streams: use a language model (model.name: lstm)")
+        return TokenStreams(path, manifest, plan, seed, rank, device, unroll, eval_batch_size)
+    return InMemoryImages(path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, task)
+
+
+def examples_per_epoch(spec: DataSpec, global_batch_size: int, unroll: int | None = None) -> int:
+    """Examples one epoch holds, for harness.plan.to_steps (which divides it by B). A language model's
+    example is one stream's `unroll` tokens: B streams x Zaremba's (N // B - 1) // unroll steps."""
+    if spec.task == "language_model" and unroll is not None:
+        from data_pipelines.text import steps_per_epoch
+
+        return global_batch_size * steps_per_epoch(spec.num_train, global_batch_size, unroll)
+    return spec.num_train
 
 
 # The standard datasets' shapes, for `harness plan` when the shards are not at hand.
@@ -35,6 +56,10 @@ KNOWN = {
     "digits": DataSpec("digits", "classification", 1347, 450, 10, (1, 8, 8)),
     "cifar10": DataSpec("cifar10", "classification", 50000, 10000, 10, (3, 32, 32)),
     "cifar100": DataSpec("cifar100", "classification", 50000, 10000, 100, (3, 32, 32)),
+    "mnist": DataSpec("mnist", "classification", 60000, 10000, 10, (1, 28, 28)),
+    "imagenet": DataSpec("imagenet", "classification", 1281167, 50000, 1000, (3, 224, 224)),
+    # Zaremba's PTB with <eos> per line: sizes in tokens.
+    "ptb": DataSpec("ptb", "language_model", 929589, 82430, vocab_size=10000),
 }
 
 

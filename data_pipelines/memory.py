@@ -4,6 +4,9 @@ Ordering guarantee: global batch i is exactly the stream positions [i B, (i+1) B
 `order.ExampleOrder(N, seed)` (one permutation per epoch), whatever the layout; this rank's micro-batch
 (a, r) is the slice `plan.micro_slice(a, r)` of it. Augmentation is keyed per (seed, epoch, example).
 The uint8 images live on the training device, so cropping and normalization run there (GPU if any).
+Training micro-batches are (inputs, targets, keys): keys are the examples' 64-bit (seed, epoch, index) keys
+as int64, for per-example dropout masks (models.dropout). Task "reconstruction" (the autoencoder): inputs
+scaled to [0, 1] (x / 255, no mean/std normalization) and targets = inputs.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def load_split(root: Path, manifest: dict, split: str) -> tuple[torch.Tensor, to
 
 
 class InMemoryImages:
-    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size):
+    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size,
+                 task: str = "classification"):
         root = Path(path)
+        self.reconstruct = task == "reconstruction"
         self.kind = manifest["kind"]
         self.plan, self.seed, self.rank = plan, seed, rank
         self.device, self.dtype = device, dtype
@@ -79,26 +84,32 @@ class InMemoryImages:
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
         self.scale = (1.0 / (255.0 * std)).to(device, dtype).view(1, -1, 1, 1)
         self.shift = (-mean / std).to(device, dtype).view(1, -1, 1, 1)
+        if self.reconstruct:  # pixels in [0, 1]: the autoencoder's logistic outputs reconstruct them
+            self.scale = torch.full_like(self.scale, 1.0 / 255.0)
+            self.shift = torch.zeros_like(self.shift)
         self.spec = DataSpec(
-            kind=self.kind, task="classification", num_train=len(self.train_y), num_test=len(self.test_y),
+            kind=self.kind, task=task, num_train=len(self.train_y), num_test=len(self.test_y),
             num_classes=len(manifest["classes"]), in_shape=tuple(manifest["image_shape"]),
         )
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.to(self.dtype), self.scale)
 
-    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         base = step * self.plan.global_batch_size
         out = []
         for a in range(self.plan.accumulation_steps):
             lo, hi = self.plan.micro_slice(a, self.rank)
             idx, epochs = self.order.lookup(base + lo, base + hi)
             index = torch.from_numpy(idx).to(self.device)
+            keys = example_keys(self.seed, epochs, idx)
             x = self.train_x[index]
             if self.pad or self.flip:
-                dy, dx, fl = crop_flip_params(example_keys(self.seed, epochs, idx), self.pad, self.flip)
+                dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
                 x = crop_flip(x, dy, dx, fl, self.pad)
-            out.append((self._normalize(x), self.train_y[index]))
+            x = self._normalize(x)
+            out.append((x, x if self.reconstruct else self.train_y[index],
+                        torch.from_numpy(keys.view(np.int64)).to(self.device)))
         return out
 
     def eval_batches(self):
@@ -107,4 +118,5 @@ class InMemoryImages:
         lo, hi = self.rank * n // w, (self.rank + 1) * n // w
         for start in range(lo, hi, self.eval_batch_size):
             stop = min(hi, start + self.eval_batch_size)
-            yield self._normalize(self.test_x[start:stop]), self.test_y[start:stop]
+            x = self._normalize(self.test_x[start:stop])
+            yield x, x if self.reconstruct else self.test_y[start:stop]

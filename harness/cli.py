@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     import models
-    from data_pipelines import describe
+    from data_pipelines import describe, examples_per_epoch
     from harness.distributed import world_size_from_env
     from harness.plan import make_batch_plan, to_steps
 
@@ -56,7 +56,8 @@ def cmd_plan(args) -> int:
     plan = make_batch_plan(cfg.batch.global_batch_size, world, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     spec, source = describe(cfg.data.name, cfg.data.path)
-    d = to_steps(cfg.budget.steps, cfg.budget.epochs, spec.num_train, plan.global_batch_size)
+    d = to_steps(cfg.budget.steps, cfg.budget.epochs,
+                 examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length()), plan.global_batch_size)
     n_params = models.count_parameters(models.build_model(cfg.model, spec))
     info = {**plan.as_dict(), "parameters": n_params, "model": cfg.model.name, "steps": d.total_steps,
             "epochs": d.epochs, "train_examples": spec.num_train, "data_source": source}

@@ -1,13 +1,24 @@
-"""Ghost batch normalization (Hoffer et al. 2017; the paper's sec. 3.2 and 4).
+"""Ghost batch normalization (Hoffer et al. 2017; the paper's sec. 3.2 and 4), on one rank or across ranks.
 
 Training statistics come from fixed groups of G consecutive examples of the global batch, never from
 the micro-batch a rank happens to hold, so the normalization is the same at every layout. The batch
-plan (harness.plan) guarantees each rank's micro-batch is a whole number of groups (m a multiple of G).
+plan (harness.plan) guarantees one of two cases:
+
+- m >= G (m a multiple of G): every group lies inside one rank's micro-batch. Each group is one native
+  F.batch_norm call on a contiguous slice: identical arithmetic for a group whatever the layout, and no
+  communication at all.
+- m < G (G a multiple of m): a group spans G/m consecutive ranks of the same micro-step. Each rank computes
+  its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them through a
+  differentiable collective (`_GroupAllGather`: all-gather forward, all-reduce of the gradient backward)
+  and combine them exactly (Chan et al.'s pairwise formula), so forward and backward are those of one
+  G-example batch norm. The process group of a rank's ghost group is made once at start by
+  harness.distributed.ghost_bn_group and handed to the layers by `set_process_group`.
 
 Running statistics (used for evaluation) are NOT updated in forward. Each forward adds every group's
-mean and unbiased variance to an accumulator; `update_running_stats` is called once per optimizer step,
-sums the accumulators over all ranks, and moves the running statistics towards the mean over all groups
-of the global batch. Evaluation is then independent of the layout too.
+mean and unbiased variance to an accumulator (a group spanning ranks is added by its first rank only, so
+every group counts exactly once); `update_running_stats` is called once per optimizer step, sums the
+accumulators over all ranks, and moves the running statistics towards the mean over all groups of the
+global batch. Evaluation is then independent of the layout too.
 
 This is the one model file that may use torch.distributed (house style 5).
 """
@@ -18,6 +29,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class _GroupAllGather(torch.autograd.Function):
+    """Stack of every group member's tensor (k, *shape). Backward: member r's input receives the sum over
+    members of the gradient flowing into slot r (every member's loss depends on every member's slice)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
 
 
 class GhostBatchNorm(nn.Module):
@@ -35,6 +65,8 @@ class GhostBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         # [sum of group means (C), sum of group variances (C), number of groups (1)] since the last update.
         self.register_buffer("stat_accumulator", torch.zeros(2 * num_features + 1), persistent=False)
+        # Set by set_process_group when a ghost group spans ranks (m < G); None: groups are local.
+        self.process_group = None
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, eps={self.eps}, momentum={self.momentum}"
@@ -42,6 +74,8 @@ class GhostBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.process_group is not None:
+            return self._forward_across_ranks(x)
         g = self.ghost_batch_size
         if x.shape[0] % g:
             raise RuntimeError(
@@ -62,6 +96,36 @@ class GhostBatchNorm(nn.Module):
         acc[-1] += groups
         return outs[0] if groups == 1 else torch.cat(outs)
 
+    def _forward_across_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.process_group
+        k = dist.get_world_size(group)
+        if x.shape[0] * k != self.ghost_batch_size:
+            raise RuntimeError(
+                f"GhostBatchNorm across {k} ranks got {x.shape[0]} examples per rank, not "
+                f"ghost_batch_size/{k} = {self.ghost_batch_size / k:g}; the batch plan should have prevented this"
+            )
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
+        n_local = x.numel() // x.shape[1]
+        mean_local = xs.mean(dims)
+        m2_local = (xs - mean_local.view(shape)).square().sum(dims)
+        stats = _GroupAllGather.apply(torch.stack([mean_local, m2_local]), group)  # (k, 2, C)
+        means, m2s = stats[:, 0], stats[:, 1]
+        # Every member holds n_local values per channel: the exact combination of k equal-count parts.
+        mean = means.mean(0)
+        m2 = m2s.sum(0) + n_local * (means - mean).square().sum(0)
+        n = n_local * k
+        invstd = torch.rsqrt(m2 / n + self.eps)  # biased variance normalizes, as in F.batch_norm
+        y = (xs - mean.view(shape)) * (invstd * self.weight).view(shape) + self.bias.view(shape)
+        if dist.get_rank(group) == 0:  # the group's statistics, counted once for the running averages
+            with torch.no_grad():
+                acc = self.stat_accumulator
+                acc[: self.num_features] += mean.to(acc.dtype)
+                acc[self.num_features : -1] += (m2 / (n - 1)).to(acc.dtype)
+                acc[-1] += 1
+        return y.to(x.dtype)
+
 
 GhostBatchNorm1d = GhostBatchNorm  # (N, C) or (N, C, L)
 GhostBatchNorm2d = GhostBatchNorm  # (N, C, H, W)
@@ -69,6 +133,13 @@ GhostBatchNorm2d = GhostBatchNorm  # (N, C, H, W)
 
 def ghost_bn_layers(model: nn.Module) -> list[GhostBatchNorm]:
     return [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+
+
+def set_process_group(model: nn.Module, group) -> None:
+    """Give every ghost-BN layer the process group of this rank's ghost group (from
+    harness.distributed.ghost_bn_group), or None when groups are local (m >= G: no communication)."""
+    for layer in ghost_bn_layers(model):
+        layer.process_group = group
 
 
 @torch.no_grad()
