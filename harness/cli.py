@@ -46,6 +46,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     import models
     from data_pipelines import describe, examples_per_epoch
     from harness.distributed import world_size_from_env
@@ -58,7 +60,8 @@ def cmd_plan(args) -> int:
     spec, source = describe(cfg.data.name, cfg.data.path)
     d = to_steps(cfg.budget.steps, cfg.budget.epochs,
                  examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length()), plan.global_batch_size)
-    n_params = models.count_parameters(models.build_model(cfg.model, spec))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation (ResNet-50, WRN-28-10 on a login node)
+        n_params = models.count_parameters(models.build_model(cfg.model, spec))
     info = {**plan.as_dict(), "parameters": n_params, "model": cfg.model.name, "steps": d.total_steps,
             "epochs": d.epochs, "train_examples": spec.num_train, "data_source": source}
     if args.json:

@@ -16,24 +16,24 @@ Tiny variant for tests: depth 18, width 8 (BasicBlocks; 32x32 images work: the s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch.nn as nn
-from torchvision.models import resnet as tv
 
 from harness.configlib import positive
 from models import ModelConfig, register
 from models.ghost_bn import GhostBatchNorm2d
 from models.wide_resnet import check_image_classes
 
-# depth -> (block, blocks per stage), He et al. 2016 table 1 (torchvision's resnet18 ... resnet152).
+# depth -> (torchvision block class, blocks per stage), He et al. 2016 table 1 (resnet18 ... resnet152).
 DEPTHS = {
-    18: (tv.BasicBlock, [2, 2, 2, 2]),
-    34: (tv.BasicBlock, [3, 4, 6, 3]),
-    50: (tv.Bottleneck, [3, 4, 6, 3]),
-    101: (tv.Bottleneck, [3, 4, 23, 3]),
-    152: (tv.Bottleneck, [3, 8, 36, 3]),
+    18: ("BasicBlock", [2, 2, 2, 2]),
+    34: ("BasicBlock", [3, 4, 6, 3]),
+    50: ("Bottleneck", [3, 4, 6, 3]),
+    101: ("Bottleneck", [3, 4, 23, 3]),
+    152: ("Bottleneck", [3, 8, 36, 3]),
 }
 
 
@@ -63,40 +63,49 @@ class ResNetConfig(ModelConfig):
         return self.no_bn_bias_decay
 
 
-class ResNet(tv.ResNet):
-    """torchvision's ResNet with a variable base width and input channels (its forward is used as is)."""
+@functools.cache
+def _torchvision_resnet():
+    """torchvision's resnet module and our subclass, made on first use: importing torchvision loads all of its
+    models and datasets (seconds), which no other model needs."""
+    from torchvision.models import resnet as tv
 
-    def __init__(self, block, layers: list[int], width: int, num_classes: int, in_channels: int, norm_layer,
-                 zero_init_residual: bool):
-        nn.Module.__init__(self)  # torchvision's __init__ hard-codes width 64 and 3 input channels
-        self._norm_layer = norm_layer
-        self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
-        if zero_init_residual:
+    class ResNet(tv.ResNet):
+        """torchvision's ResNet with a variable base width and input channels (its forward is used as is)."""
+
+        def __init__(self, block, layers: list[int], width: int, num_classes: int, in_channels: int, norm_layer,
+                     zero_init_residual: bool):
+            nn.Module.__init__(self)  # torchvision's __init__ hard-codes width 64 and 3 input channels
+            self._norm_layer = norm_layer
+            self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = norm_layer(width)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.layer1 = self._make_layer(block, width, layers[0])
+            self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+            self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+            self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(8 * width * block.expansion, num_classes)
             for m in self.modules():
-                if isinstance(m, tv.Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, tv.BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.normal_(self.fc.weight, std=0.01)
+            nn.init.zeros_(self.fc.bias)
+            if zero_init_residual:
+                for m in self.modules():
+                    if isinstance(m, tv.Bottleneck):
+                        nn.init.zeros_(m.bn3.weight)
+                    elif isinstance(m, tv.BasicBlock):
+                        nn.init.zeros_(m.bn2.weight)
+
+    return tv, ResNet
 
 
 @register(ResNetConfig)
 def build(cfg: ResNetConfig, spec) -> nn.Module:
     check_image_classes("resnet", spec)
+    tv, resnet_class = _torchvision_resnet()
     block, layers = DEPTHS[cfg.depth]
-    return ResNet(block, layers, cfg.width, spec.num_classes, spec.in_shape[0],
-                  lambda c: GhostBatchNorm2d(c, cfg.ghost_batch_size), cfg.zero_init_residual)
+    return resnet_class(getattr(tv, block), layers, cfg.width, spec.num_classes, spec.in_shape[0],
+                        lambda c: GhostBatchNorm2d(c, cfg.ghost_batch_size), cfg.zero_init_residual)

@@ -148,13 +148,13 @@ def test_wrn_skipinit_trains_with_dropout_keyed_per_example(tmp_path, cifar_shar
 precision: fp64
 model: {{name: wrn, depth: 10, width: 1, norm: skipinit}}
 data: {{name: cifar10, path: {cifar_shards}}}
-batch: {{global_batch_size: 96}}
+batch: {{global_batch_size: 64}}
 optim: {{name: momentum, effective_lr: 0.5}}
-budget: {{steps: 3}}
+budget: {{steps: 2}}
 {LOG}
 """
-    run1, result, records = train(tmp_path, "m96", text, "--set", "batch.micro_batch_size=96")
-    run4, result4, _ = train(tmp_path, "m24", text, "--set", "batch.micro_batch_size=24")
+    run1, result, records = train(tmp_path, "m64", text, "--set", "batch.micro_batch_size=64")
+    run4, result4, _ = train(tmp_path, "m16", text, "--set", "batch.micro_batch_size=16")
     assert result["status"] == "completed" and result4["layout"]["accumulation_steps"] == 4
     assert result["layout"]["ghost_batch_size"] is None  # no normalization: any micro-batch size
     assert records[-1]["update_norm"] > 1e-6  # the branches start at alpha = 0: small but real updates
