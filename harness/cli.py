@@ -58,8 +58,8 @@ def cmd_plan(args) -> int:
     plan = make_batch_plan(cfg.batch.global_batch_size, world, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     spec, source = describe(cfg.data.name, cfg.data.path)
-    d = to_steps(cfg.budget.steps, cfg.budget.epochs,
-                 examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length()), plan.global_batch_size)
+    per_epoch = examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length())
+    d = to_steps(cfg.budget.steps, cfg.budget.epochs, per_epoch, plan.global_batch_size)
     with torch.device("meta"):  # shapes only: no memory, no initialisation (ResNet-50, WRN-28-10 on a login node)
         n_params = models.count_parameters(models.build_model(cfg.model, spec))
     info = {**plan.as_dict(), "parameters": n_params, "model": cfg.model.name, "steps": d.total_steps,
@@ -69,7 +69,7 @@ def cmd_plan(args) -> int:
     else:
         print(f"plan:       {plan.describe()}")
         print(f"model:      {cfg.model.name}, {n_params:,} parameters")
-        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {spec.num_train} examples ({source})")
+        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {per_epoch} examples ({source})")
     return 0
 
 

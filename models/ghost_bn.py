@@ -8,11 +8,11 @@ plan (harness.plan) guarantees one of two cases:
   F.batch_norm call on a contiguous slice: identical arithmetic for a group whatever the layout, and no
   communication at all.
 - m < G (G a multiple of m): a group spans G/m consecutive ranks of the same micro-step. Each rank computes
-  its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them through a
-  differentiable collective (`_GroupAllGather`: all-gather forward, all-reduce of the gradient backward)
-  and combine them exactly (Chan et al.'s pairwise formula), so forward and backward are those of one
-  G-example batch norm. The process group of a rank's ghost group is made once at start by
-  harness.distributed.ghost_bn_group and handed to the layers by `set_process_group`.
+  its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them and combine
+  them exactly (Chan et al.'s pairwise formula); backward all-reduces the two per-channel sums the batch-norm
+  gradient needs (`_AcrossRanks`, an autograd Function: one collective forward, one backward), so forward
+  and backward are those of one G-example batch norm. The process group of a rank's ghost group is made
+  once at start by harness.distributed.ghost_bn_group and handed to the layers by `set_process_group`.
 
 Running statistics (used for evaluation) are NOT updated in forward. Each forward adds every group's
 mean and unbiased variance to an accumulator (a group spanning ranks is added by its first rank only, so
@@ -31,23 +31,54 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _GroupAllGather(torch.autograd.Function):
-    """Stack of every group member's tensor (k, *shape). Backward: member r's input receives the sum over
-    members of the gradient flowing into slot r (every member's loss depends on every member's slice)."""
+class _AcrossRanks(torch.autograd.Function):
+    """Batch norm of one ghost group spread over the ranks of `group`, each holding an equal share (m < G).
+
+    Forward: each rank's per-channel mean and centred sum of squares, all-gathered in the group and combined
+    exactly (Chan et al.'s pairwise formula for equal counts), then the usual normalization of the local
+    share. Backward (as torch's SyncBatchNorm): one all-reduce of the per-channel sums of dy and dy * x_hat,
+    then dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) over the whole group. gamma/beta
+    gradients are this rank's share (DDP adds the shares). Only x and two C-vectors are kept for backward.
+    Returns y and the group's (mean, unbiased variance) for the running statistics.
+    """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.stack(parts)
+    def forward(ctx, x, weight, bias, eps: float, group):
+        k = dist.get_world_size(group)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
+        n_local = x.numel() // x.shape[1]
+        mean_local = xs.mean(dims)
+        m2_local = (xs - mean_local.view(shape)).square().sum(dims)
+        parts = [torch.empty(2, x.shape[1], dtype=xs.dtype, device=x.device) for _ in range(k)]
+        dist.all_gather(parts, torch.stack([mean_local, m2_local]), group=group)
+        means, m2s = torch.stack(parts).unbind(1)
+        mean = means.mean(0)
+        m2 = m2s.sum(0) + n_local * (means - mean).square().sum(0)
+        n = n_local * k
+        invstd = torch.rsqrt(m2 / n + eps)  # biased variance normalizes, as in F.batch_norm
+        y = (xs - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.group, ctx.n = group, n
+        var = m2 / (n - 1)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        gy = grad_y.to(xs.dtype)
+        x_hat = (xs - mean.view(shape)) * invstd.view(shape)
+        local = torch.stack([gy.sum(dims), (gy * x_hat).sum(dims)])  # this rank's beta and gamma gradients
+        total = local.clone()
+        dist.all_reduce(total, group=ctx.group)
+        grad_x = (gy - (total[0] / ctx.n).view(shape) - x_hat * (total[1] / ctx.n).view(shape)) * (invstd * weight).view(shape)
+        return grad_x.to(x.dtype), local[1].to(weight.dtype), local[0].to(weight.dtype), None, None
 
 
 class _LocalGroups(torch.autograd.Function):
@@ -148,27 +179,13 @@ class GhostBatchNorm(nn.Module):
                 f"GhostBatchNorm across {k} ranks got {x.shape[0]} examples per rank, not "
                 f"ghost_batch_size/{k} = {self.ghost_batch_size / k:g}; the batch plan should have prevented this"
             )
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
-        n_local = x.numel() // x.shape[1]
-        mean_local = xs.mean(dims)
-        m2_local = (xs - mean_local.view(shape)).square().sum(dims)
-        stats = _GroupAllGather.apply(torch.stack([mean_local, m2_local]), group)  # (k, 2, C)
-        means, m2s = stats[:, 0], stats[:, 1]
-        # Every member holds n_local values per channel: the exact combination of k equal-count parts.
-        mean = means.mean(0)
-        m2 = m2s.sum(0) + n_local * (means - mean).square().sum(0)
-        n = n_local * k
-        invstd = torch.rsqrt(m2 / n + self.eps)  # biased variance normalizes, as in F.batch_norm
-        y = (xs - mean.view(shape)) * (invstd * self.weight).view(shape) + self.bias.view(shape)
+        y, mean, var = _AcrossRanks.apply(x, self.weight, self.bias, self.eps, group)
         if dist.get_rank(group) == 0:  # the group's statistics, counted once for the running averages
-            with torch.no_grad():
-                acc = self.stat_accumulator
-                acc[: self.num_features] += mean.to(acc.dtype)
-                acc[self.num_features : -1] += (m2 / (n - 1)).to(acc.dtype)
-                acc[-1] += 1
-        return y.to(x.dtype)
+            acc = self.stat_accumulator
+            acc[: self.num_features] += mean.to(acc.dtype)
+            acc[self.num_features : -1] += var.to(acc.dtype)
+            acc[-1] += 1
+        return y
 
 
 GhostBatchNorm1d = GhostBatchNorm  # (N, C) or (N, C, L)
