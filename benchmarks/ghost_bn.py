@@ -3,10 +3,11 @@
     python benchmarks/ghost_bn.py [--batch 512] [--channels 64] [--size 16] [--repeats 30]
 
 Input (B, C, H, W) = (512, 64, 16, 16) fp32 by default: 8 ghost groups of 64. Each timing is one forward,
-a backward of a fixed random upstream gradient (not `.sum()`, whose constant gradient lets the BN backward
-shortcut nothing but hides the cost of a real gradient), and gradient reset; warm-up first, then the median
-of `--repeats` runs, interleaving the two layers so that machine noise hits both alike. Printed for one
-thread and for torch's default thread count. The target is a ratio <= 1.2 on CPU.
+a backward of a fixed random upstream gradient (a `.sum()` probe would feed an expanded constant gradient
+instead of a real one), and gradient reset; warm-up first, then the median of `--repeats` runs, interleaving
+the two layers so that machine noise hits both alike. Printed for one thread and for torch's default thread
+count. The target is a ratio <= 1.2 on CPU. On a machine whose cores are oversubscribed, the multi-thread
+ratio mostly measures OpenMP barrier stalls (the ghost layer runs 8 groups, so 8x the parallel regions).
 """
 
 from __future__ import annotations
