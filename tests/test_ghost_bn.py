@@ -57,10 +57,15 @@ def test_local_groups_are_bitwise_per_group_native_batch_norm(shape, dtype):
 
 
 @pytest.mark.slow
-def test_groups_across_four_ranks_equal_one_batch_norm(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu",  # gloo
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 4,
+                                                                    reason="nccl needs 4 GPUs for 4 ranks")]),
+])
+def test_groups_across_four_ranks_equal_one_batch_norm(tmp_path, device):
     out = tmp_path / "ghost_bn.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(ROOT / "tests" / "ghost_bn_worker.py"), str(out)]
+           str(ROOT / "tests" / "ghost_bn_worker.py"), str(out), device]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(OMP_NUM_THREADS=1), timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
