@@ -103,11 +103,15 @@ def test_model_and_data_must_match():
     ("{name: autoencoder}", "mnist", 64, "{steps: 156250}", 2_837_314, 156_250),
     ("{name: wrn, depth: 28, width: 10, norm: skipinit}", "cifar100", 64, "{steps: 156250}", 36_529_040, 156_250),
 ])
-def test_plan_prints_parameters_from_standard_sizes(tmp_path, model, data, batch, budget, params, steps):
+def test_plan_prints_parameters_from_standard_sizes(tmp_path, capsys, model, data, batch, budget, params, steps):
+    from harness.cli import main
+
     cfg = write_config(tmp_path / "c.yaml", f"model: {model}\ndata: {{name: {data}, path: {tmp_path / 'absent'}}}\n"
                                             f"batch: {{global_batch_size: {batch}}}\nbudget: {budget}\n")
-    proc = run_harness("plan", cfg, "--json")
-    info = json.loads(proc.stdout)
+    with pytest.raises(SystemExit) as done:  # in-process: the subprocess path is tests/test_plan.py's
+        main(["plan", str(cfg), "--json"])
+    assert done.value.code == 0
+    info = json.loads(capsys.readouterr().out)
     assert (info["parameters"], info["steps"]) == (params, steps)
     assert "standard" in info["data_source"]
 
