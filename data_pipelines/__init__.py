@@ -49,11 +49,23 @@ class ReaderOptions:
 STREAMING = ("imagenet",)  # too large for memory: streamed from the shards by data_pipelines/stream.py
 
 
-def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, dtype, options: ReaderOptions | None = None):
+def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, dtype,
+               options: ReaderOptions | None = None, task_of=None, unroll=None):
+    """The reader for the data and the task the model trains for: `task_of(manifest task) -> task`
+    (ModelConfig.task; the autoencoder turns labelled images into "reconstruction"), `unroll` = tokens per
+    stream per step (ModelConfig.sequence_length) for token streams."""
     from data_pipelines.shards import read_manifest
 
     manifest = read_manifest(path, name)
     options = options or ReaderOptions.of()
+    task = task_of(manifest["task"]) if task_of is not None else manifest["task"]
+    if task == "language_model":
+        from data_pipelines.text import TokenStreams
+        from harness.errors import ConfigError
+
+        if unroll is None:
+            raise ConfigError(f"data {name!r} is token streams: use a language model (model.name: lstm)")
+        return TokenStreams(path, manifest, plan, seed, rank, device, unroll, eval_batch_size)
     if name in STREAMING:
         from data_pipelines.stream import StreamingImages
 
@@ -61,7 +73,17 @@ def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, d
     from data_pipelines.memory import InMemoryImages
 
     return InMemoryImages(path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size,
-                          options.skip_bad_samples)
+                          options.skip_bad_samples, task)
+
+
+def examples_per_epoch(spec: DataSpec, global_batch_size: int, unroll: int | None = None) -> int:
+    """Examples one epoch holds, for harness.plan.to_steps (which divides it by B). A language model's
+    example is one stream's `unroll` tokens: B streams x Zaremba's (N // B - 1) // unroll steps."""
+    if spec.task == "language_model" and unroll is not None:
+        from data_pipelines.text import steps_per_epoch
+
+        return global_batch_size * steps_per_epoch(spec.num_train, global_batch_size, unroll)
+    return spec.num_train
 
 
 # The standard datasets' shapes, for `harness plan` when the shards are not at hand.
@@ -71,6 +93,8 @@ KNOWN = {
     "cifar100": DataSpec("cifar100", "classification", 50000, 10000, 100, (3, 32, 32)),
     "mnist": DataSpec("mnist", "classification", 60000, 10000, 10, (1, 28, 28)),
     "imagenet": DataSpec("imagenet", "classification", 1281167, 50000, 1000, (3, 224, 224)),
+    # Zaremba's PTB with <eos> per line: sizes in tokens.
+    "ptb": DataSpec("ptb", "language_model", 929589, 82430, vocab_size=10000),
 }
 
 

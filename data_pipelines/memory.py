@@ -7,6 +7,9 @@ slice `plan.micro_slice(a, r)` of it. Augmentation is keyed per (seed, epoch, ex
 takes the contiguous r-th of W shares of the test split, in key order; the shares cover it exactly once.
 A checkpoint needs nothing from this reader: batch i is a function of (seed, i) only.
 The uint8 images live on the training device, so cropping and normalization run there (GPU if any).
+Training micro-batches are (inputs, targets, keys): keys are the examples' 64-bit (seed, epoch, index) keys
+as int64, for per-example dropout masks (models.dropout). Task "reconstruction" (the autoencoder): inputs
+scaled to [0, 1] (x / 255, no mean/std normalization) and targets = inputs.
 """
 
 from __future__ import annotations
@@ -116,8 +119,10 @@ def warn(text: str) -> None:
 
 
 class InMemoryImages:
-    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, skip_bad=False):
+    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, skip_bad=False,
+                 task: str = "classification"):
         root = Path(path)
+        self.reconstruct = task == "reconstruction"
         self.kind = manifest["kind"]
         self.plan, self.seed, self.rank = plan, seed, rank
         self.device, self.dtype = device, dtype
@@ -133,28 +138,33 @@ class InMemoryImages:
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
         self.scale = (1.0 / (255.0 * std)).to(device, dtype).view(1, -1, 1, 1)
         self.shift = (-mean / std).to(device, dtype).view(1, -1, 1, 1)
+        if self.reconstruct:  # pixels in [0, 1]: the autoencoder's logistic outputs reconstruct them
+            self.scale = torch.full_like(self.scale, 1.0 / 255.0)
+            self.shift = torch.zeros_like(self.shift)
         self.spec = DataSpec(
-            kind=self.kind, task="classification", num_train=len(self.train_y), num_test=len(self.test_y),
+            kind=self.kind, task=task, num_train=len(self.train_y), num_test=len(self.test_y),
             num_classes=len(manifest["classes"]), in_shape=tuple(manifest["image_shape"]),
         )
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.to(self.dtype), self.scale)
 
-    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         base = step * self.plan.global_batch_size
         out = []
         for a in range(self.plan.accumulation_steps):
             lo, hi = self.plan.micro_slice(a, self.rank)
             idx, epochs = self.order.lookup(base + lo, base + hi)
             index = torch.from_numpy(idx).to(self.device)
+            keys = example_keys(self.seed, epochs, idx)
             if self.pad or self.flip:
-                dy, dx, fl = crop_flip_params(example_keys(self.seed, epochs, idx), self.pad, self.flip)
+                dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
             else:
                 dy = dx = np.full(len(idx), self.pad, dtype=np.int64)
                 fl = np.zeros(len(idx), dtype=bool)
-            x = self.train.crop(index, dy, dx, fl)
-            out.append((self._normalize(x), self.train_y[index]))
+            x = self._normalize(self.train.crop(index, dy, dx, fl))
+            out.append((x, x if self.reconstruct else self.train_y[index],
+                        torch.from_numpy(keys.view(np.int64)).to(self.device)))
         return out
 
     def eval_batches(self):
@@ -163,4 +173,5 @@ class InMemoryImages:
         lo, hi = self.rank * n // w, (self.rank + 1) * n // w
         for start in range(lo, hi, self.eval_batch_size):
             stop = min(hi, start + self.eval_batch_size)
-            yield self._normalize(self.test_x[start:stop]), self.test_y[start:stop]
+            x = self._normalize(self.test_x[start:stop])
+            yield x, x if self.reconstruct else self.test_y[start:stop]

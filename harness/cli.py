@@ -46,8 +46,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     import models
-    from data_pipelines import describe
+    from data_pipelines import describe, examples_per_epoch
     from harness.distributed import world_size_from_env
     from harness.plan import make_batch_plan, to_steps
 
@@ -56,8 +58,10 @@ def cmd_plan(args) -> int:
     plan = make_batch_plan(cfg.batch.global_batch_size, world, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     spec, source = describe(cfg.data.name, cfg.data.path)
-    d = to_steps(cfg.budget.steps, cfg.budget.epochs, spec.num_train, plan.global_batch_size)
-    n_params = models.count_parameters(models.build_model(cfg.model, spec))
+    per_epoch = examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length())
+    d = to_steps(cfg.budget.steps, cfg.budget.epochs, per_epoch, plan.global_batch_size)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation (ResNet-50, WRN-28-10 on a login node)
+        n_params = models.count_parameters(models.build_model(cfg.model, spec))
     info = {**plan.as_dict(), "parameters": n_params, "model": cfg.model.name, "steps": d.total_steps,
             "epochs": d.epochs, "train_examples": spec.num_train, "data_source": source}
     if args.json:
@@ -65,7 +69,7 @@ def cmd_plan(args) -> int:
     else:
         print(f"plan:       {plan.describe()}")
         print(f"model:      {cfg.model.name}, {n_params:,} parameters")
-        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {spec.num_train} examples ({source})")
+        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {per_epoch} examples ({source})")
     return 0
 
 

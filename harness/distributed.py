@@ -92,3 +92,16 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def ghost_bn_group(ranks_per_group: int):
+    """The process group of this rank's ghost-BN group when a group of G examples spans `ranks_per_group`
+    consecutive ranks of a micro-step (m < G, see harness.plan); None when groups are local (no communication).
+
+    Every rank must call this once, at start, with the same value: torch creates ALL the subgroups
+    [0, k), [k, 2k), ... on every rank, in that order, and returns the one holding this rank.
+    """
+    if ranks_per_group <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group, _ = dist.new_subgroups(group_size=ranks_per_group)
+    return group
