@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-import models
 from data_pipelines.convert import convert
 from tests import fakes
 from tests.conftest import ROOT, harness_env, run_harness, torchrun, write_config
@@ -59,12 +58,10 @@ def test_convert_then_train(tmp_path, kind):
     assert 0 <= result["test_accuracy"] <= 100
 
 
-@pytest.mark.skipif(models.config_class("lstm") is None,
-                    reason="the `lstm` model (issue 3) is not registered on this branch yet; remove this skip once it is")
 def test_convert_then_train_ptb(tmp_path):
     fakes.ptb_files(tmp_path / "ptb")
     convert("ptb", tmp_path / "ptb", tmp_path / "shards")
-    result = train(tmp_path, tmp_path / "shards", "ptb", "{name: lstm}", 16)
+    result = train(tmp_path, tmp_path / "shards", "ptb", "{name: lstm, hidden: 32, unroll: 8}", 16)
     assert result["train_loss"] > 0
 
 

@@ -5,8 +5,6 @@ two slurmd on this machine, each node with 4 GPUs that CUDA cannot see), with CP
 runs below are world size 2 across node1 and node2, gloo on CPU.
 """
 
-import contextlib
-import io
 import json
 import sys
 import time
@@ -84,34 +82,13 @@ def test_usr1_to_the_batch_shell_stops_training_at_a_step(slurm_cluster, cifar_s
     assert not (run / "result.json").exists() and not (run / "STOP").exists()
 
 
-def _synth_imagenet_missing() -> str | None:
-    from harness.cli import build_parser
-
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        try:
-            build_parser().parse_args(["data", "synth", "imagenet", "x"])
-            return None
-        except SystemExit:
-            return err.getvalue().strip().splitlines()[-1]
-
-
 def test_imagenet_script_on_two_nodes(slurm_cluster, tmp_path):
     """slurm/imagenet_bs4096.sh end to end with tiny synthetic ImageNet-format shards and a tiny ResNet."""
-    import models
-
-    missing = []
-    if models.config_class("resnet") is None:
-        missing.append("the resnet model (issue 3: model.name=resnet is not registered)")
-    if (why := _synth_imagenet_missing()) is not None:
-        missing.append(f"ImageNet shards and their streaming reader (issue 4: `harness data synth imagenet`: {why})")
-    if missing:
-        pytest.skip("needs " + " and ".join(missing) + " on this branch; remove this skip after merging them")
-
     data = tmp_path / "imagenet"
     run_harness("data", "synth", "imagenet", data, "--train", 256, "--test", 128)
     run = tmp_path / "run"
     job = submit(slurm_cluster, "imagenet_bs4096.sh", "--set", "model.name=resnet", "model.depth=18", "model.width=8",
-                 f"data.path={data}", "precision=fp32", "batch.global_batch_size=128", "budget.epochs=null",
+                 f"data.path={data}", "data.workers=1", "precision=fp32", "batch.global_batch_size=128", "budget.epochs=null",
                  "budget.steps=2", "log.every_steps=1", "log.progress=false", "--run-dir", run,
                  sbatch_args=["--nodes=2", "--gpus-per-node=1"])
     info = slurm_cluster.wait(job, timeout=900)
