@@ -1,45 +1,165 @@
-"""`harness data convert KIND SRC DEST`: standard distributions -> shards + manifest."""
+"""`harness data convert KIND SRC DEST`: the standard distributions, as users have them, -> shards + manifest.
+
+    cifar10   cifar-10-python.tar.gz (or the extracted cifar-10-batches-py/): pickled data_batch_1..5, test_batch
+    cifar100  cifar-100-python.tar.gz (or the extracted cifar-100-python/): pickled train, test, meta (fine labels)
+    mnist     a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+              t10k-labels-idx1-ubyte, each optionally .gz
+    ptb       a folder with ptb.train.txt, ptb.valid.txt, ptb.test.txt (simple-examples/data of Mikolov's tarball)
+    imagenet  an ILSVRC2012 folder: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or val/*.JPEG plus a label file
+              (see data_pipelines/imagenet.py)
+    digits    `-`: scikit-learn ships it
+
+Images become PNG members (CIFAR, MNIST: lossless) or keep their JPEG bytes (ImageNet); PTB becomes the
+token-stream format of data_pipelines/tokens.py. Re-running the same command keeps every shard that is
+complete and matches its checksum (and was made from the same source), and rewrites the rest.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import sys
+import tarfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines.shards import write_manifest, write_split, read_manifest, MANIFEST
+from data_pipelines.formats import DEFAULT_SHARD_SIZE, SOURCES
+from data_pipelines.shards import MANIFEST, PARTIAL, FORMAT, read_manifest, write_manifest, write_split
+from harness.errors import DataError
+from harness.rundir import atomic_write_json
+
+# --------------------------------------------------------------------------------------------- writing
 
 
-def _previous(dest: Path) -> dict:
-    try:
-        return read_manifest(dest).get("splits", {}) if (dest / MANIFEST).is_file() else {}
-    except Exception:
-        return {}
+def fingerprint(*parts) -> str:
+    """A digest of everything that determines the shards' contents (source data and options)."""
+    h = hashlib.sha256()
+
+    def add(part) -> None:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.dtype, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).data)
+        elif isinstance(part, (list, tuple)):  # item by item: ImageNet's 1.3M names need no giant repr
+            h.update(f"[{len(part)}".encode())
+            for item in part:
+                add(item)
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\0")
+
+    for part in parts:
+        add(part)
+    return h.hexdigest()
+
+
+def previous_manifest(dest: Path, source_fingerprint: str) -> dict:
+    """The (possibly partial) manifest of an earlier conversion of the same source into `dest`, or {}."""
+    for name in (PARTIAL, MANIFEST):
+        try:
+            old = read_manifest(dest) if name == MANIFEST else _read_json(dest / name)
+        except (DataError, OSError, ValueError):
+            continue
+        if old and old.get("fingerprint") == source_fingerprint:
+            return old
+    return {}
+
+
+def previous_splits(dest: Path, source_fingerprint: str) -> dict:
+    return previous_manifest(dest, source_fingerprint).get("splits", {})
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class SplitWriter:
+    """Writes the splits of one dataset, recording progress in the partial manifest after every shard."""
+
+    def __init__(self, kind: str, dest: Path, source_fingerprint: str, total: int):
+        self.kind, self.dest, self.fp = kind, Path(dest), source_fingerprint
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self.old = previous_manifest(self.dest, source_fingerprint)
+        self.previous = self.old.get("splits", {})
+        self.done: dict[str, dict] = {}
+        self.notes: Callable[[], dict] = dict  # more keys to keep in the partial manifest
+        # Also in a batch job's log (not a terminal): then one update a minute, for conversions that take hours.
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=f"{kind} -> {dest}", unit="ex", dynamic_ncols=True,
+                        mininterval=0.1 if tty else 60, delay=0 if tty else 5)
+
+    def _partial(self, split: str, entry: dict) -> None:
+        atomic_write_json(self.dest / PARTIAL, {"format": FORMAT, "kind": self.kind, "fingerprint": self.fp,
+                                                **self.notes(), "splits": {**self.previous, **self.done, split: entry}})
+
+    def split(self, split: str, samples: Callable, size: int, per_shard: int, bounds: list[int] | None = None) -> dict:
+        try:
+            entry = write_split(self.dest, split, samples, size, per_shard, self.previous.get(split), self.bar.update,
+                                bounds=bounds, on_shard=lambda e: self._partial(split, e))
+        except BaseException:
+            self.bar.leave = False  # erase the bar: the error must be the one line left
+            self.bar.close()
+            raise
+        self.done[split] = entry
+        return entry
+
+    def finish(self, manifest: dict) -> dict:
+        self.bar.close()
+        for split, entry in manifest["splits"].items():
+            if entry["size"] == 0:
+                raise DataError(f"the {split!r} split of the {self.kind} source is empty; "
+                                f"check the source ({SOURCES.get(self.kind, 'see the README')})")
+        manifest = {**manifest, "fingerprint": self.fp}
+        write_manifest(self.dest, manifest)
+        (self.dest / PARTIAL).unlink(missing_ok=True)
+        return {"format": FORMAT, **manifest}
 
 
 def write_image_dataset(kind: str, dest: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                         classes: list[str], per_shard: int, ext: str = "png", extra: dict | None = None) -> dict:
     """Write in-memory (N, H, W, C) uint8 images + labels per split as shards, resumably, with a progress bar."""
-    dest.mkdir(parents=True, exist_ok=True)
-    previous = _previous(dest)
+    dest = Path(dest)
+    for split, (images, labels) in splits.items():
+        if len(labels) == 0:
+            raise DataError(f"the {split!r} split of the {kind} source is empty; check the source ({SOURCES.get(kind, '')})")
+        bad = (labels < 0) | (labels >= len(classes))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{kind} {split} label {int(labels[i])} of example {i} is outside 0..{len(classes) - 1}; "
+                            "the source file is corrupt: download it again")
+    fp = fingerprint(kind, ext, classes, *[a for pair in splits.values() for a in pair])
+    writer = SplitWriter(kind, dest, fp, sum(len(y) for _, y in splits.values()))
     entries = {}
-    total = sum(len(y) for _, y in splits.values())
-    with tqdm(total=total, desc=f"{kind} -> {dest}", unit="img", disable=None) as bar:
-        for split, (images, labels) in splits.items():
-            def gen(start, stop, images=images, labels=labels):
-                for i in range(start, stop):
-                    image = images[i][..., 0] if images.shape[-1] == 1 else images[i]  # PIL: grayscale is (H, W)
-                    yield {"__key__": f"{i:08d}", ext: image, "cls": int(labels[i])}
-            entries[split] = write_split(dest, split, gen, len(labels), per_shard, previous.get(split), bar.update)
-    train = splits["train"][0].astype(np.float64) / 255
+    for split, (images, labels) in splits.items():
+        def gen(start, stop, images=images, labels=labels):
+            for i in range(start, stop):
+                image = images[i][..., 0] if images.shape[-1] == 1 else images[i]  # PIL: grayscale is (H, W)
+                yield {"__key__": f"{i:08d}", ext: image, "cls": int(labels[i])}
+        entries[split] = writer.split(split, gen, len(labels), per_shard)
+    train = splits["train"][0]
     c = train.shape[-1]
+    # Per-channel mean and std of the training images in [0, 1]: the reader's normalization.
+    # Exact, from per-channel histograms of the uint8 values (no float copy of the whole training set).
+    pixels = train.reshape(-1, c)
+    hist = np.stack([np.bincount(pixels[:, ch], minlength=256) for ch in range(c)]).astype(np.float64)
+    values = np.arange(256) / 255
+    mean = hist @ values / len(pixels)
+    std = np.sqrt(np.maximum(hist @ values**2 / len(pixels) - mean**2, 0))
     manifest = {
         "kind": kind, "task": "classification", "image_shape": [c, *train.shape[1:3]], "classes": classes,
-        "mean": train.reshape(-1, c).mean(0).tolist(), "std": train.reshape(-1, c).std(0).tolist(),
-        **(extra or {}), "splits": entries,
+        "mean": mean.tolist(), "std": std.tolist(), **(extra or {}), "splits": entries,
     }
-    write_manifest(dest, manifest)
-    return manifest
+    return writer.finish(manifest)
+
+
+# --------------------------------------------------------------------------------------------- digits
 
 
 def convert_digits(dest: Path, per_shard: int = 1000) -> dict:
@@ -55,12 +175,239 @@ def convert_digits(dest: Path, per_shard: int = 1000) -> dict:
                                [str(i) for i in range(10)], per_shard, extra={"source": "sklearn.datasets.load_digits"})
 
 
-CONVERTERS = {"digits": lambda src, dest, per_shard: convert_digits(dest, per_shard or 1000)}
+# --------------------------------------------------------------------------------------------- CIFAR
+
+# (folder inside the tarball, train members, test members, meta member, label key, class-name key)
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
 
 
-def convert(kind: str, src: str, dest: Path, shard_size: int | None = None) -> dict:
-    from harness.errors import DataError
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches are Python 2 pickles of dicts of lists and numpy arrays. Refuse anything else:
+    unpickling a file from the internet must not run arbitrary code."""
 
-    if kind not in CONVERTERS:
-        raise DataError(f"no converter for {kind!r}; choose one of {', '.join(CONVERTERS)}")
-    return CONVERTERS[kind](src, Path(dest), shard_size)
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy.core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+        if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core" + module[len("numpy.core"):]  # the batches were pickled by numpy 1
+        return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, where: str) -> dict:
+    try:
+        # latin1: Python 2 `str` values (keys, class names, the pixel buffer) load as they were (torchvision does the same).
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the member is not a CIFAR batch
+        raise DataError(f"{where} is not a readable CIFAR batch ({type(e).__name__}: {e}); download the tarball again") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} is not a CIFAR batch (a pickled dict); download the tarball again")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_members(src: Path, folder: str, names: list[str], kind: str) -> dict[str, bytes]:
+    """The named batch files from the tarball or from an extracted folder."""
+    out = {}
+    if src.is_file():
+        try:
+            with tarfile.open(src, "r:*") as tar:
+                for name in names:
+                    try:
+                        member = tar.extractfile(f"{folder}/{name}")
+                    except KeyError:
+                        member = None
+                    if member is None:
+                        raise DataError(f"{src} has no member {folder}/{name}, so it is not the {kind} python tarball; "
+                                        f"pass {SOURCES[kind]}")
+                    out[name] = member.read()
+        except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{src} is not a readable tar.gz ({type(e).__name__}: {e}); it is truncated or corrupt: "
+                            "download it again") from None
+        return out
+    for name in names:
+        path = next((p for p in (src / name, src / folder / name) if p.is_file()), None)
+        if path is None:
+            raise DataError(f"{src} has no {name} (nor {folder}/{name}); pass {SOURCES[kind]}")
+        out[name] = path.read_bytes()
+    return out
+
+
+def read_cifar(kind: str, src: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    folder, train, test, meta, label_key, names_key = CIFAR[kind]
+    raw = _cifar_members(src, folder, train + test + [meta], kind)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _unpickle(raw[meta], f"{src}:{meta}").get(names_key, [])]
+    if not classes:
+        raise DataError(f"{src}:{folder}/{meta} lacks {names_key!r}; it is not the {kind} python tarball: download it again")
+    splits = {}
+    for split, members in (("train", train), ("test", test)):
+        xs, ys = [], []
+        for name in members:
+            where = f"{src}:{folder}/{name}"
+            batch = _unpickle(raw[name], where)
+            try:
+                data = np.asarray(batch["data"], dtype=np.uint8)
+                labels = np.asarray(batch[label_key], dtype=np.int64)
+            except KeyError as e:
+                raise DataError(f"{where} lacks {e}; it is not a {kind} batch: download the tarball again") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise DataError(f"{where} holds data of shape {data.shape} with {len(labels)} labels, not N x 3072 "
+                                "with N labels; download the tarball again")
+            bad = (labels < 0) | (labels >= len(classes))
+            if bad.any():
+                raise DataError(f"{where}: label {labels[bad][0]} is outside 0..{len(classes) - 1}; download the tarball again")
+            # Each row is 1024 red, 1024 green, 1024 blue values of a 32x32 image, row-major.
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(labels)
+        splits[split] = (np.concatenate(xs), np.concatenate(ys))
+    return splits, classes
+
+
+def convert_cifar(kind: str, src: Path, dest: Path, per_shard: int) -> dict:
+    splits, classes = read_cifar(kind, src)
+    return write_image_dataset(kind, dest, splits, classes, per_shard, extra={"source": str(src)})
+
+
+# --------------------------------------------------------------------------------------------- MNIST
+
+MNIST = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _find_mnist(src: Path, base: str) -> Path:
+    # Also the variants in the wild: '.idx3-ubyte' (Kaggle) and torchvision's MNIST/raw/ folder.
+    names = [base, base + ".gz", base.replace("-idx", ".idx"), base.replace("-idx", ".idx") + ".gz"]
+    for folder in (src, src / "raw", src / "MNIST" / "raw"):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    raise DataError(f"{src} has no {base}(.gz); pass {SOURCES['mnist']}")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file (LeCun's format): magic 0x0000 0x08 (ubyte) ndim, big-endian int32 dims, the bytes."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path} is not readable ({type(e).__name__}: {e}); it is truncated or corrupt: download it again") from None
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\0\0\x08" or raw[3] != ndim:
+        raise DataError(f"{path} is not an idx file of {ndim}-dimensional unsigned bytes (bad magic {raw[:4].hex()}); "
+                        "download it again")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{path} holds {len(body)} data bytes but its header announces {dims} = {int(np.prod(dims))}; "
+                        "it is truncated: download it again")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def read_mnist(src: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not src.is_dir():
+        raise DataError(f"MNIST source {src} is not a folder; pass {SOURCES['mnist']}")
+    splits = {}
+    for split, (images_name, labels_name) in MNIST.items():
+        images_path, labels_path = _find_mnist(src, images_name), _find_mnist(src, labels_name)
+        images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).astype(np.int64)
+        if len(images) != len(labels):
+            raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
+                            "download both again")
+        if len(labels) and labels.max() > 9:
+            raise DataError(f"{labels_path}: label {labels.max()} is outside 0..9; download it again")
+        splits[split] = (images[..., None], labels)
+    return splits
+
+
+def convert_mnist(src: Path, dest: Path, per_shard: int) -> dict:
+    return write_image_dataset("mnist", dest, read_mnist(src), [str(i) for i in range(10)], per_shard,
+                               extra={"source": str(src)})
+
+
+# --------------------------------------------------------------------------------------------- PTB
+
+PTB_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+
+
+def ptb_words(path: Path) -> list[str]:
+    """The token stream of one PTB file: every line's words followed by `<eos>` (Zaremba et al.'s reader,
+    `data:gsub('\\n', '<eos>'):split()`; spaces around it so a line without a trailing blank still splits)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable text file ({type(e).__name__}); pass {SOURCES['ptb']}") from None
+    return text.replace("\n", " <eos> ").split()
+
+
+def read_ptb(src: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    folder = next((f for f in (src, src / "data", src / "simple-examples" / "data") if (f / PTB_FILES["train"]).is_file()), None)
+    if folder is None:
+        raise DataError(f"{src} has no {PTB_FILES['train']}; pass {SOURCES['ptb']}")
+    words = {}
+    for split, name in PTB_FILES.items():
+        if not (folder / name).is_file():
+            raise DataError(f"{folder} has no {name}; pass {SOURCES['ptb']}")
+        words[split] = ptb_words(folder / name)
+        if not words[split]:
+            raise DataError(f"{folder / name} is empty; the {split!r} split needs text: download the PTB files again")
+    # Ids in order of first appearance in the training text, as Zaremba et al.'s data.lua assigns them.
+    vocab = list(dict.fromkeys(words["train"]))
+    ids = {w: i for i, w in enumerate(vocab)}
+    streams = {}
+    for split, toks in words.items():
+        try:
+            streams[split] = np.fromiter((ids[w] for w in toks), dtype=np.int32, count=len(toks))
+        except KeyError as e:
+            raise DataError(f"{folder / PTB_FILES[split]}: word {e.args[0]!r} is not in the training vocabulary "
+                            "(the standard files map rare words to <unk>); use the unmodified PTB files") from None
+    return streams, vocab
+
+
+def convert_ptb(src: Path, dest: Path, per_shard: int) -> dict:
+    from data_pipelines.tokens import write_token_dataset
+
+    streams, vocab = read_ptb(src)
+    fp = fingerprint("ptb", vocab, *streams.values(), per_shard)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=1, desc=f"ptb -> {dest}", unit="dataset", mininterval=0.1 if sys.stderr.isatty() else 60) as bar:
+        manifest = write_token_dataset("ptb", dest, streams, vocab, per_shard=per_shard,
+                                       previous=previous_splits(dest, fp),
+                                       extra={"source": str(src), "fingerprint": fp})
+        bar.update(1)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+
+def convert(kind: str, src: str, dest: Path, shard_size: int | None = None, shard_bytes: int | None = None,
+            val_labels: str | None = None, skip_bad: bool = False, workers: int = 8) -> dict:
+    """Convert one standard distribution; DataError (one line, with the fix) for every bad input."""
+    if kind not in SOURCES:
+        raise DataError(f"no converter for {kind!r}; choose one of {', '.join(SOURCES)}")
+    if shard_size is not None and shard_bytes is not None:
+        raise DataError("give at most one of --shard-size and --shard-bytes")
+    if shard_bytes is not None and kind != "imagenet":
+        raise DataError(f"--shard-bytes applies to imagenet (JPEGs of varying size); for {kind} use --shard-size")
+    dest = Path(dest)
+    if kind == "digits":
+        return convert_digits(dest, shard_size or DEFAULT_SHARD_SIZE["digits"])
+    path = Path(src)
+    if not path.exists():
+        raise DataError(f"{kind} source {path} does not exist; pass {SOURCES[kind]}")
+    if kind == "imagenet":
+        from data_pipelines.imagenet import convert_imagenet
+
+        return convert_imagenet(path, dest, shard_size=shard_size, shard_bytes=shard_bytes, val_labels=val_labels,
+                                skip_bad=skip_bad, threads=workers)
+    per_shard = shard_size or DEFAULT_SHARD_SIZE[kind]
+    if kind in CIFAR:
+        return convert_cifar(kind, path, dest, per_shard)
+    if kind == "mnist":
+        return convert_mnist(path, dest, per_shard)
+    return convert_ptb(path, dest, per_shard)

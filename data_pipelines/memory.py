@@ -1,14 +1,21 @@
 """In-memory reader for small image datasets (digits, CIFAR, MNIST).
 
-Ordering guarantee: global batch i is exactly the stream positions [i B, (i+1) B) of
-`order.ExampleOrder(N, seed)` (one permutation per epoch), whatever the layout; this rank's micro-batch
-(a, r) is the slice `plan.micro_slice(a, r)` of it. Augmentation is keyed per (seed, epoch, example).
+Ordering guarantee (exact, at every layout): global batch i is exactly the stream positions [i B, (i+1) B) of
+`order.ExampleOrder(N, seed)` (one permutation of the N training examples per epoch, drawn from (seed, epoch)),
+whatever the number of nodes, GPUs, micro-batch or accumulation steps; this rank's micro-batch (a, r) is the
+slice `plan.micro_slice(a, r)` of it. Augmentation is keyed per (seed, epoch, example). Evaluation: rank r
+takes the contiguous r-th of W shares of the test split, in key order; the shares cover it exactly once.
+A checkpoint needs nothing from this reader: batch i is a function of (seed, i) only.
 The uint8 images live on the training device, so cropping and normalization run there (GPU if any).
+Training micro-batches are (inputs, targets, keys): keys are the examples' 64-bit (seed, epoch, index) keys
+as int64, for per-example dropout masks (models.dropout). Task "reconstruction" (the autoencoder): inputs
+scaled to [0, 1] (x / 255, no mean/std normalization) and targets = inputs.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data_pipelines import DataSpec
-from data_pipelines.augment import crop_flip, crop_flip_params
+from data_pipelines.augment import PaddedImages, crop_flip_params
 from data_pipelines.order import ExampleOrder, example_keys
 from data_pipelines.shards import iter_samples, split_entry, verify_shards
 from harness.errors import DataError
@@ -36,69 +43,128 @@ def _decode(sample: dict) -> np.ndarray:
     raise KeyError(f"no image member (one of {', '.join(IMAGE_EXTS)})")
 
 
-def load_split(root: Path, manifest: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split as uint8 (N, C, H, W) plus int64 labels, in canonical (key) order."""
+def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split as uint8 (N, C, H, W) plus int64 labels, in canonical (key) order.
+
+    skip_bad: leave out unreadable samples and labels out of range (and read what a shard that fails its
+    checksum still holds), warn with the count; the split then has fewer examples than the manifest says.
+    """
     entry = split_entry(manifest, root, split)
-    paths = verify_shards(root, entry)
+    if skip_bad:
+        paths = []
+        for shard in entry["shards"]:
+            try:
+                paths += verify_shards(root, {"shards": [shard]})
+            except DataError as e:
+                warn(f"{e} (data.skip_bad_samples: reading the samples it still holds)")
+                if (root / shard["name"]).is_file():
+                    paths.append(root / shard["name"])
+    else:
+        paths = verify_shards(root, entry)
     c, h, w = manifest["image_shape"]
     n, classes = entry["size"], len(manifest["classes"])
-    images = np.empty((n, h, w, c), dtype=np.uint8)
+    images = np.zeros((n, h, w, c), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
-    for sample in iter_samples(paths):
+    bad: list[str] = []
+
+    def reject(message: str) -> None:
+        if not skip_bad:
+            raise DataError(message)
+        bad.append(message)
+
+    samples = iter_samples(paths, handler=_skip_rest_of_shard(bad) if skip_bad else None)
+    for sample in samples:
         where = f"sample {sample.get('__key__')} of shard {sample.get('__url__')}"
         try:
             index = int(sample["__key__"])
             label = int(sample["cls"])
             image = _decode(sample)
         except (KeyError, ValueError, OSError, UnidentifiedImageError) as e:
-            raise DataError(f"{where} is unreadable ({e}); re-run the conversion into {root}") from None
+            reject(f"{where} is unreadable ({e}); re-run the conversion into {root}")
+            continue
         if not 0 <= index < n:
-            raise DataError(f"{where}: key {index} is outside the split size {n}; re-run the conversion into {root}")
+            reject(f"{where}: key {index} is outside the split size {n}; re-run the conversion into {root}")
+            continue
         if not 0 <= label < classes:
-            raise DataError(f"{where}: label {label} is outside 0..{classes - 1}; fix the source labels and re-convert")
+            reject(f"{where}: label {label} is outside 0..{classes - 1}; fix the source labels and re-convert")
+            continue
+        if image.size != h * w * c:
+            reject(f"{where}: image of shape {image.shape} is not {c}x{h}x{w}; re-run the conversion into {root}")
+            continue
         images[index] = image.reshape(h, w, c)
         labels[index] = label
-    if (labels < 0).any():
-        raise DataError(f"the {split!r} split in {root} lacks {(labels < 0).sum()} of its {n} examples; re-run the conversion")
+    missing = labels < 0
+    if missing.any():
+        if not skip_bad:
+            raise DataError(f"the {split!r} split in {root} lacks {missing.sum()} of its {n} examples; re-run the conversion")
+        keep = ~missing
+        images, labels = images[keep], labels[keep]
+        warn(f"left out {int(missing.sum())} of the {n} {split} examples in {root} (data.skip_bad_samples); "
+             f"first: {bad[0] if bad else 'missing from the shards'}")
+        if not len(labels):
+            raise DataError(f"the {split!r} split in {root} has no readable example left; re-run the conversion")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
+def _skip_rest_of_shard(bad: list[str]):
+    """webdataset handler: a shard that cannot be read on (truncated, corrupt tar) is left, the rest is kept."""
+    def handler(exn: Exception) -> bool:
+        bad.append(f"unreadable shard data ({exn})")
+        return True
+    return handler
+
+
+def warn(text: str) -> None:
+    print(f"harness: warning: {text}", file=sys.stderr)
+
+
 class InMemoryImages:
-    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size):
+    def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, skip_bad=False,
+                 task: str = "classification"):
         root = Path(path)
+        self.reconstruct = task == "reconstruction"
         self.kind = manifest["kind"]
         self.plan, self.seed, self.rank = plan, seed, rank
         self.device, self.dtype = device, dtype
         self.eval_batch_size = eval_batch_size
-        self.train_x, self.train_y = (t.to(device) for t in load_split(root, manifest, "train"))
-        self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test"))
         self.pad, self.flip = AUGMENT.get(self.kind, (0, False)) if augment else (0, False)
+        train_x, train_y = load_split(root, manifest, "train", skip_bad)
+        self.train = PaddedImages(train_x.to(device), self.pad, self.flip)
+        self.train_x, self.train_y = self.train.images, train_y.to(device)  # train_x: unpadded view
+        self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test", skip_bad))
         self.order = ExampleOrder(len(self.train_y), seed)
         # x_normalized = x_uint8 * scale + shift, per channel: (x / 255 - mean) / std.
         std = torch.tensor(manifest["std"], dtype=torch.float64)
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
         self.scale = (1.0 / (255.0 * std)).to(device, dtype).view(1, -1, 1, 1)
         self.shift = (-mean / std).to(device, dtype).view(1, -1, 1, 1)
+        if self.reconstruct:  # pixels in [0, 1]: the autoencoder's logistic outputs reconstruct them
+            self.scale = torch.full_like(self.scale, 1.0 / 255.0)
+            self.shift = torch.zeros_like(self.shift)
         self.spec = DataSpec(
-            kind=self.kind, task="classification", num_train=len(self.train_y), num_test=len(self.test_y),
+            kind=self.kind, task=task, num_train=len(self.train_y), num_test=len(self.test_y),
             num_classes=len(manifest["classes"]), in_shape=tuple(manifest["image_shape"]),
         )
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.to(self.dtype), self.scale)
 
-    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         base = step * self.plan.global_batch_size
         out = []
         for a in range(self.plan.accumulation_steps):
             lo, hi = self.plan.micro_slice(a, self.rank)
             idx, epochs = self.order.lookup(base + lo, base + hi)
             index = torch.from_numpy(idx).to(self.device)
-            x = self.train_x[index]
+            keys = example_keys(self.seed, epochs, idx)
             if self.pad or self.flip:
-                dy, dx, fl = crop_flip_params(example_keys(self.seed, epochs, idx), self.pad, self.flip)
-                x = crop_flip(x, dy, dx, fl, self.pad)
-            out.append((self._normalize(x), self.train_y[index]))
+                dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
+            else:
+                dy = dx = np.full(len(idx), self.pad, dtype=np.int64)
+                fl = np.zeros(len(idx), dtype=bool)
+            x = self._normalize(self.train.crop(index, dy, dx, fl))
+            out.append((x, x if self.reconstruct else self.train_y[index],
+                        torch.from_numpy(keys.view(np.int64)).to(self.device)))
         return out
 
     def eval_batches(self):
@@ -107,4 +173,5 @@ class InMemoryImages:
         lo, hi = self.rank * n // w, (self.rank + 1) * n // w
         for start in range(lo, hi, self.eval_batch_size):
             stop = min(hi, start + self.eval_batch_size)
-            yield self._normalize(self.test_x[start:stop]), self.test_y[start:stop]
+            x = self._normalize(self.test_x[start:stop])
+            yield x, x if self.reconstruct else self.test_y[start:stop]

@@ -6,8 +6,14 @@ split, zero-padded, so the canonical example order is recoverable from any shard
 
 manifest.json:
   {"format": "harness-shards/1", "kind": "cifar10", "task": "classification",
-   "image_shape": [3, 32, 32], "classes": [...], "mean": [...], "std": [...],
-   "splits": {"train": {"size": 50000, "shards": [{"name": ..., "count": ..., "sha256": ...}, ...]}, ...}}
+   "image_shape": [3, 32, 32], "classes": [...], "mean": [...], "std": [...], "source": {...},
+   "splits": {"train": {"size": 50000, "shards": [{"name": ..., "count": ..., "bytes": ..., "sha256": ...,
+                                                    "start": ..., "stop": ...}, ...]}, ...}}
+
+`start`/`stop` are the source positions a shard was made from (`count` may be smaller when a converter
+skipped unreadable inputs), `bytes` the file size (a cheap truncation check for streaming readers).
+While a conversion runs, `.manifest.partial.json` records the shards finished so far, so an interrupted
+conversion resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 
+from data_pipelines.formats import CONVERT_SRC
 from harness.errors import DataError
 from harness.rundir import atomic_write_json
 
 FORMAT = "harness-shards/1"
 MANIFEST = "manifest.json"
+PARTIAL = ".manifest.partial.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -46,34 +54,56 @@ def write_split(
     per_shard: int,
     previous: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    bounds: list[int] | None = None,
+    on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
     """Write `size` samples as shards of `per_shard` samples each; return the split's manifest entry.
 
-    `samples(start, stop)` yields webdataset sample dicts for examples [start, stop). A shard already
-    listed in `previous` (the old manifest's entry) whose file still matches its checksum is kept, so
-    an interrupted conversion resumes where it stopped. Each shard is written to a temp file and renamed.
+    `samples(start, stop)` yields webdataset sample dicts for source positions [start, stop) (it may
+    yield fewer, skipping bad inputs). `bounds`, if given, are the shard start positions instead of
+    multiples of `per_shard` (e.g. cut by bytes). A shard already listed in `previous` (the old manifest's
+    entry) for the same positions whose file still matches its size and checksum is kept, so an
+    interrupted conversion resumes where it stopped. Each shard is written to a temp file and renamed;
+    `on_shard(entry so far)` runs after each.
     """
     old = {s["name"]: s for s in (previous or {}).get("shards", [])}
+    starts = list(bounds) if bounds is not None else list(range(0, size, per_shard))
     shards = []
-    for index, start in enumerate(range(0, size, per_shard)):
-        stop = min(size, start + per_shard)
+    for index, start in enumerate(starts):
+        stop = starts[index + 1] if index + 1 < len(starts) else size
         name = shard_name(split, index)
         path = dest / name
         entry = old.get(name)
-        if entry and entry["count"] == stop - start and path.is_file() and sha256_file(path) == entry["sha256"]:
+        if entry and _reusable(entry, path, start, stop):
             shards.append(entry)
             if progress:
                 progress(stop - start)
-            continue
-        tmp = dest / f".{name}.tmp"
-        with wds.TarWriter(str(tmp)) as sink:
-            for sample in samples(start, stop):
-                sink.write(sample)
-                if progress:
-                    progress(1)
-        tmp.replace(path)
-        shards.append({"name": name, "count": stop - start, "sha256": sha256_file(path)})
-    return {"size": size, "shards": shards}
+        else:
+            tmp = dest / f".{name}.tmp"
+            count = 0
+            with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: the same input gives the same bytes
+                for sample in samples(start, stop):
+                    sink.write(sample)
+                    count += 1
+                    if progress:
+                        progress(1)
+            if progress and count < stop - start:
+                progress(stop - start - count)
+            tmp.replace(path)
+            shards.append({"name": name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                           "start": start, "stop": stop})
+        if on_shard:
+            on_shard({"size": sum(s["count"] for s in shards), "shards": list(shards)})
+    return {"size": sum(s["count"] for s in shards), "shards": shards}
+
+
+def _reusable(entry: dict, path: Path, start: int, stop: int) -> bool:
+    same_range = (entry.get("start"), entry.get("stop")) == (start, stop) if "start" in entry else entry["count"] == stop - start
+    if not same_range or not path.is_file():
+        return False
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return False
+    return sha256_file(path) == entry["sha256"]
 
 
 def write_manifest(dest: Path, manifest: dict) -> None:
@@ -83,7 +113,8 @@ def write_manifest(dest: Path, manifest: dict) -> None:
 def convert_hint(kind: str) -> str:
     if kind == "digits":
         return "create it with `harness data convert digits - DIR`"
-    return f"create it with `harness data convert {kind} SRC DIR` (or `harness data synth {kind} DIR` for a synthetic stand-in)"
+    src = CONVERT_SRC.get(kind, "SRC")
+    return f"create it with `harness data convert {kind} {src} DIR` (or `harness data synth {kind} DIR` for a synthetic stand-in)"
 
 
 def read_manifest(path: str | Path, kind: str | None = None) -> dict:
@@ -125,10 +156,33 @@ def verify_shards(root: Path, entry: dict) -> list[Path]:
         path = root / shard["name"]
         if not path.is_file():
             raise DataError(f"shard {path} is missing; re-run the conversion into {root}")
+        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            raise DataError(
+                f"shard {path} is truncated or corrupt ({path.stat().st_size} bytes, the manifest says {shard['bytes']}); "
+                f"re-run the conversion into {root} to rewrite it (complete shards are kept)"
+            )
         if sha256_file(path) != shard["sha256"]:
             raise DataError(
                 f"shard {path} fails its checksum (truncated or corrupt); re-run the conversion into {root} "
                 "to rewrite it (complete shards are kept)"
+            )
+        paths.append(path)
+    return paths
+
+
+def check_shard_files(root: Path, entry: dict) -> list[Path]:
+    """The cheap check a streaming reader can afford at start-up: every shard exists and has its size.
+    (Checksums are verified while a whole shard streams through; `harness data verify` checks them all.)"""
+    paths = []
+    for shard in entry["shards"]:
+        path = root / shard["name"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is missing; re-run the conversion into {root}")
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise DataError(
+                f"shard {path} is truncated or corrupt ({size} bytes, the manifest says {shard['bytes']}); "
+                f"re-run the conversion into {root} to rewrite it (complete shards are kept)"
             )
         paths.append(path)
     return paths

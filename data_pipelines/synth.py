@@ -31,6 +31,10 @@ def synth(kind: str, dest: str | Path, train: int, test: int, seed: int = 0, per
         from data_pipelines.tokens import synth_tokens
 
         return synth_tokens(dest, train, test, seed=seed)
+    if kind == "imagenet":
+        from data_pipelines.imagenet import synth_imagenet
+
+        return synth_imagenet(dest, train, test, seed=seed)
     if kind not in IMAGE_KINDS:
         raise ValueError(kind)
     dest.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     import models
-    from data_pipelines import describe
+    from data_pipelines import describe, examples_per_epoch
     from harness.distributed import world_size_from_env
     from harness.plan import make_batch_plan, to_steps
 
@@ -56,8 +58,10 @@ def cmd_plan(args) -> int:
     plan = make_batch_plan(cfg.batch.global_batch_size, world, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     spec, source = describe(cfg.data.name, cfg.data.path)
-    d = to_steps(cfg.budget.steps, cfg.budget.epochs, spec.num_train, plan.global_batch_size)
-    n_params = models.count_parameters(models.build_model(cfg.model, spec))
+    per_epoch = examples_per_epoch(spec, plan.global_batch_size, cfg.model.sequence_length())
+    d = to_steps(cfg.budget.steps, cfg.budget.epochs, per_epoch, plan.global_batch_size)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation (ResNet-50, WRN-28-10 on a login node)
+        n_params = models.count_parameters(models.build_model(cfg.model, spec))
     info = {**plan.as_dict(), "parameters": n_params, "model": cfg.model.name, "steps": d.total_steps,
             "epochs": d.epochs, "train_examples": spec.num_train, "data_source": source}
     if args.json:
@@ -65,7 +69,7 @@ def cmd_plan(args) -> int:
     else:
         print(f"plan:       {plan.describe()}")
         print(f"model:      {cfg.model.name}, {n_params:,} parameters")
-        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {spec.num_train} examples ({source})")
+        print(f"budget:     {d.total_steps} steps = {d.epochs:.4g} epochs of {per_epoch} examples ({source})")
     return 0
 
 
@@ -81,10 +85,45 @@ def cmd_data_synth(args) -> int:
 def cmd_data_convert(args) -> int:
     from data_pipelines.convert import convert
 
-    manifest = convert(args.kind, args.src, Path(args.dest), args.shard_size)
+    manifest = convert(args.kind, args.src, Path(args.dest), args.shard_size, args.shard_bytes, args.val_labels,
+                       args.skip_bad, args.threads)
     sizes = ", ".join(f"{k}: {v['size']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
     print(f"wrote {args.kind} shards to {args.dest} ({sizes})")
     return 0
+
+
+def cmd_data_verify(args) -> int:
+    from data_pipelines.shards import read_manifest, verify_shards
+
+    root = Path(args.dir)
+    manifest = read_manifest(root)
+    for split, entry in manifest["splits"].items():
+        verify_shards(root, entry)
+        print(f"{split}: {len(entry['shards'])} shards match their sha256 ({entry['size']} examples)")
+    return 0
+
+
+def _bytes(text: str) -> int:
+    """'1G', '500M', '64k' or a plain number of bytes (decimal units, as file systems report sizes)."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    t = text.strip().lower().rstrip("b")
+    try:
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1G, 500M or 1000000") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard size must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,19 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make dataset shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write small synthetic shards in a dataset's exact format (for tests)")
-    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb"])
+    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb", "imagenet"])
     p.add_argument("dest")
     p.add_argument("--train", type=int, default=512, help="training examples, or tokens for ptb (default 512)")
-    p.add_argument("--test", type=int, default=256, help="test examples, or tokens for ptb (default 256)")
+    p.add_argument("--test", type=int, default=256, help="test (imagenet: val) examples, or tokens for ptb (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
 
-    p = data.add_parser("convert", help="convert a standard distribution to shards + manifest.json")
-    p.add_argument("kind", choices=["digits"])
-    p.add_argument("src", help="the source files (digits: '-', it ships with scikit-learn)")
+    from data_pipelines.formats import SOURCES
+
+    p = data.add_parser(
+        "convert", help="convert a standard distribution to shards + manifest.json",
+        description="Convert a standard distribution to webdataset shards + manifest.json. Re-running the same "
+                    "command keeps complete, verified shards. SRC per KIND: "
+                    + "; ".join(f"{k}: {v}" for k, v in SOURCES.items()))
+    p.add_argument("kind", choices=list(SOURCES))
+    p.add_argument("src", help="the source file or folder (see above; digits: '-')")
     p.add_argument("dest", help="output directory")
-    p.add_argument("--shard-size", type=int, default=None, help="examples per shard")
+    p.add_argument("--shard-size", type=_positive_int, default=None,
+                   help="examples per shard (default 10000; ptb: 100,000-token chunks per shard, default 10)")
+    p.add_argument("--shard-bytes", type=_bytes, default=None, help="imagenet: bytes per shard, e.g. 500M (default 1G)")
+    p.add_argument("--val-labels", default=None, metavar="FILE",
+                   help="imagenet with a flat val/ folder: LOC_val_solution.csv or 'FILENAME WNID' lines")
+    p.add_argument("--skip-bad", action="store_true", help="imagenet: leave out unreadable images (listed in the manifest)")
+    p.add_argument("--threads", type=_positive_int, default=8, help="imagenet: reader threads (default 8)")
     p.set_defaults(func=cmd_data_convert)
+
+    p = data.add_parser("verify", help="check every shard of a shard directory against its sha256")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
     return parser
 
 

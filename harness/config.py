@@ -33,8 +33,26 @@ class DataConfig:
     # The dataset's standard random augmentation (CIFAR: pad 4, crop, flip; digits: +-1 pixel shift).
     augment: bool = True
     eval_batch_size: int = positive(1000)
+    # Streaming reader (ImageNet; see data_pipelines/stream.py). Loader worker processes per rank (0: in the
+    # training process); the stream's order depends on it, like on the world size and micro-batch.
+    workers: int = non_negative(4)
+    # Samples each worker shuffles among (raw JPEG bytes, ~110 kB each on ImageNet).
+    shuffle_buffer: int = positive(2000)
+    # true: each worker draws whole shards with replacement (webdataset's `resampled`); false: each epoch is a
+    # permutation of the shards cut into equal parts, so no example repeats within an epoch.
+    resampled: bool = True
+    # Train crop (RandomResizedCrop) and evaluation resize -> center crop, in pixels (Goyal et al.: 224, 256).
+    image_size: int = positive(224)
+    eval_resize: int = positive(256)
+    # Decode JPEGs on the GPU (torchvision.io.decode_jpeg, nvjpeg) instead of in the loader workers.
+    gpu_decode: bool = False
+    # Leave out unreadable samples and labels out of range (counted and logged) instead of stopping with an error.
+    skip_bad_samples: bool = False
 
     def validate(self, path: str) -> None:
+        if self.eval_resize < self.image_size:
+            raise ConfigError(f"config key {path}.eval_resize ({self.eval_resize}) must be >= {path}.image_size "
+                              f"({self.image_size}): evaluation resizes, then center-crops image_size")
         if self.path is None:
             raise ConfigError(
                 f"config key {path}.path is not set; point it at a shard directory made by "
@@ -94,6 +112,18 @@ class BudgetConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    # backend: deepspeed only. A DeepSpeed JSON merged over the config the harness derives (batch sizes from the
+    # batch plan, gradient_clipping from optim.grad_clip_norm, bf16 autocast from precision); it may add any
+    # other DeepSpeed key; a key that contradicts the harness config is an error (harness/engine.py).
+    config: Optional[str] = None
+
+    def validate(self, path: str) -> None:
+        if self.config is not None and not Path(self.config).is_file():
+            raise ConfigError(f"config key {path}.config: {self.config} is not a file; point it at a DeepSpeed JSON or set it to null")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = positive(10)
     tensorboard: bool = True
@@ -142,6 +172,7 @@ class Config:
     seed: int = 0
     precision: Literal["fp32", "fp64", "bf16"] = "fp32"
     backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: models.ModelConfig = _model_field()
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +184,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+
+    def validate(self, path: str) -> None:
+        if self.backend == "deepspeed" and self.precision == "fp64":
+            raise ConfigError("config key precision: fp64 does not work with backend: deepspeed (DeepSpeed reduces "
+                              "gradients in fp32/bf16 only); use precision: fp32 or bf16, or backend: ddp")
 
 
 def from_dict(data: dict) -> Config:
@@ -181,8 +217,8 @@ def replace(cfg: Config, **changes) -> Config:
 
 # Keys that may differ when a run directory is resumed: they change the layout, the logging or where
 # files are, never the trajectory (promise 1).
-LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device", "backend", "data.path",
-               "data.eval_batch_size", "log.", "checkpoint.", "eval.")
+LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device", "backend", "deepspeed.", "data.path",
+               "data.eval_batch_size", "data.workers", "data.gpu_decode", "log.", "checkpoint.", "eval.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -172,9 +172,23 @@ def load(cls: type, data: Any, path: str = "") -> Any:
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise ConfigError(f"config {path or 'file'}: missing required key(s) {', '.join(missing)}") from e
+    # Sections left out keep their defaults, which must be valid too (e.g. data.path has none).
+    for name, field in fields.items():
+        value = getattr(obj, name)
+        if name not in kwargs and dataclasses.is_dataclass(value):
+            _validate_tree(value, f"{path}.{name}" if path else name)
     if hasattr(obj, "validate"):
         obj.validate(path)
     return obj
+
+
+def _validate_tree(obj: Any, path: str) -> None:
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, f"{path}.{field.name}")
+    if hasattr(obj, "validate"):
+        obj.validate(path)
 
 
 def _load_variant(field: dataclasses.Field, value: Any, path: str) -> Any:
@@ -204,12 +218,28 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the second would silently replace the first)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass the path of a YAML file (see yaml/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -29,3 +29,14 @@ def build_optimizer(params, name: str, momentum: float, weight_decay: float) -> 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def param_groups(model: torch.nn.Module, exclude_norm_and_bias: bool) -> list[dict]:
+    """The optimizer's parameter groups. With `exclude_norm_and_bias`, every parameter with at most one
+    dimension (normalization gammas and betas, biases) gets weight_decay 0: the "no BN/bias decay" option of
+    the ResNet-50 recipe. Otherwise one group: weight decay on everything, as the paper's L2 (sec. 4)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_norm_and_bias:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]

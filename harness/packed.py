@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from data_pipelines import build_data
-from data_pipelines.augment import crop_flip, crop_flip_params
+from data_pipelines import ReaderOptions, build_data, examples_per_epoch
+from data_pipelines.augment import crop_flip_params
 from data_pipelines.order import ExampleOrder, example_keys
 from harness import distributed, objectives, provenance
 from harness.config import Config, check_resumable, to_yaml
@@ -137,15 +138,17 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def stream_batch(data, seed: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream positions [start, stop) of the run with this seed, exactly as InMemoryImages.train_micro_batches
-    builds them (same order, same per-example augmentation keys, same normalization)."""
+    builds them (same order, same per-example augmentation keys, same crop and normalization)."""
     order = ExampleOrder(len(data.train_y), seed)
     idx, epochs = order.lookup(start, stop)
     index = torch.from_numpy(idx).to(data.device)
-    x = data.train_x[index]
+    keys = example_keys(seed, epochs, idx)
     if data.pad or data.flip:
-        dy, dx, fl = crop_flip_params(example_keys(seed, epochs, idx), data.pad, data.flip)
-        x = crop_flip(x, dy, dx, fl, data.pad)
-    return data._normalize(x), data.train_y[index]
+        dy, dx, fl = crop_flip_params(keys, data.pad, data.flip)
+    else:
+        dy = dx = np.full(len(idx), data.pad, dtype=np.int64)
+        fl = np.zeros(len(idx), dtype=bool)
+    return data._normalize(data.train.crop(index, dy, dx, fl)), data.train_y[index]
 
 
 class _Streams:
@@ -205,9 +208,12 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
     b = cfg0.batch.global_batch_size
     plan = make_batch_plan(b, 1, cfg0.batch.micro_batch_size, cfg0.batch.max_micro_batch_size, cfg0.model.ghost_group_size())
     data = build_data(cfg0.data.name, cfg0.data.path, cfg0.data.augment, cfg0.data.eval_batch_size, plan,
-                      cfg0.seed, 0, env.device, dtype)
-    d = to_steps(cfg0.budget.steps, cfg0.budget.epochs, data.spec.num_train, b, cfg0.eval.every_steps,
-                 cfg0.eval.every_epochs, cfg0.checkpoint.every_steps, cfg0.checkpoint.every_epochs)
+                      cfg0.seed, 0, env.device, dtype, ReaderOptions.of(cfg0.data), cfg0.model.task,
+                      cfg0.model.sequence_length())
+    if data.spec.task != "classification" or not hasattr(data, "train"):
+        raise NotPackable(f"packed runs need in-memory classification data, not {data.spec.task} ({type(data).__name__})")
+    d = to_steps(cfg0.budget.steps, cfg0.budget.epochs, examples_per_epoch(data.spec, b, cfg0.model.sequence_length()),
+                 b, cfg0.eval.every_steps, cfg0.eval.every_epochs, cfg0.checkpoint.every_steps, cfg0.checkpoint.every_epochs)
     objective = objectives.for_task(data.spec.task)
     run_cfgs = [cfgs[i] for i in todo]
     dirs = [Path(run_dirs[i]) for i in todo]
@@ -371,6 +377,7 @@ def _result(cfg, status, steps, d, tail_sum, tail_n, objective, metrics, diverge
         "total_steps": d.total_steps,
         "epochs": steps / (d.total_steps / d.epochs),
         "train_loss": tail_sum / tail_n if tail_n else None,
+        **objective.train_summary(tail_sum / tail_n if tail_n else None),
         "test_metric": objective.metric,
         "higher_is_better": objective.higher_is_better,
         objective.metric: metrics.get(objective.metric),

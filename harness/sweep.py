@@ -495,20 +495,6 @@ def check_budget_rule(rule: Optional[str], runs: list[Run]) -> None:
 # ---------------------------------------------------------------------------------------------- steps and cost
 
 
-def epoch_examples(task: str, num_train: int, global_batch_size: int, unroll: int | None) -> int:
-    """Examples in one epoch as the trainer counts them.
-
-    Images: the training set size N. A token stream (PTB) is cut into B parallel streams of floor(T/B)
-    tokens and read `unroll` tokens at a time, so an epoch is (floor(T/B) - 1) // unroll steps of B
-    sequences (Zaremba et al.'s reader, tensorflow/models ptb reader.py: epoch_size = (batch_len - 1) // num_steps).
-    At B = 64 that is 414 steps, and 40 epochs = 16560 steps (appendix D, table 6).
-    """
-    if task == "language_model":
-        steps = (num_train // global_batch_size - 1) // (unroll or 35)
-        return steps * global_batch_size
-    return num_train
-
-
 @functools.lru_cache(maxsize=64)
 def _describe_data(name: str, path: Optional[str]):
     from data_pipelines import describe
@@ -520,11 +506,27 @@ def run_steps(config: dict) -> tuple[int, float]:
     """(optimizer steps, epochs) of a run, from its budget and the dataset's size (manifest or standard)."""
     from harness.plan import to_steps
 
+    from data_pipelines import examples_per_epoch
+
     spec, _ = _describe_data(config["data"]["name"], config["data"]["path"])
     b = config["batch"]["global_batch_size"]
-    n = epoch_examples(spec.task, spec.num_train, b, (config.get("model") or {}).get("unroll"))
+    n = examples_per_epoch(spec, b, _sequence_length(config["model"]))
     d = to_steps(config["budget"]["steps"], config["budget"]["epochs"], n, b)
     return d.total_steps, d.epochs
+
+
+def _sequence_length(model: dict) -> Optional[int]:
+    """The model's tokens per stream per step (language models; PTB epochs depend on it), from its config
+    class when this build has it, else the raw `unroll` key."""
+    import models
+
+    cls = models.config_class(model.get("name"))
+    if cls is None:
+        return model.get("unroll")
+    try:
+        return configlib.load(cls, model).sequence_length()
+    except ConfigError:
+        return model.get("unroll")
 
 
 def data_source(config: dict) -> str:

@@ -20,16 +20,17 @@ import torch
 from tqdm import tqdm
 
 import models
-from data_pipelines import build_data
+from data_pipelines import ReaderOptions, build_data, examples_per_epoch
 from harness import distributed, objectives, provenance
 from harness.checkpoint import Checkpointer, rng_state, set_rng_state
 from harness.config import Config, check_resumable, to_yaml
 from harness.engine import build_engine
-from harness.optim import build_optimizer, momentum_of, torch_lr
+from harness.optim import build_optimizer, momentum_of, param_groups, torch_lr
 from harness.plan import make_batch_plan, to_steps
 from harness.rundir import RunLog, atomic_save_torch, atomic_write_json, atomic_write_text, read_json
 from harness.schedule import decay_factor, lr_at
-from harness.signals import StopRequest
+from harness.signals import StopRequest, requeue_slurm_job
+from models import ghost_bn
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}  # bf16: fp32 weights, autocast
 
@@ -71,22 +72,29 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             return result
     if env.is_main:
         check_resumable(run_dir, cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
+    # Everything that can be wrong with the config, layout or data fails here, before the run dir exists.
     dtype = DTYPES[cfg.precision]
     plan = make_batch_plan(cfg.batch.global_batch_size, env.world_size, cfg.batch.micro_batch_size,
                            cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
     data = build_data(cfg.data.name, cfg.data.path, cfg.data.augment, cfg.data.eval_batch_size,
-                      plan, cfg.seed, env.rank, env.device, dtype)
-    d = to_steps(cfg.budget.steps, cfg.budget.epochs, data.spec.num_train, plan.global_batch_size,
+                      plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data), cfg.model.task,
+                      cfg.model.sequence_length())
+    d = to_steps(cfg.budget.steps, cfg.budget.epochs,
+                 examples_per_epoch(data.spec, plan.global_batch_size, cfg.model.sequence_length()), plan.global_batch_size,
                  cfg.eval.every_steps, cfg.eval.every_epochs, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and at every layout
     model = models.build_model(cfg.model, data.spec).to(env.device, dtype)
+    # Ghost-BN groups that span ranks (m < G) normalize through their ranks' process group (issue 3).
+    ghost_bn.set_process_group(model, distributed.ghost_bn_group(plan.ranks_per_ghost_group))
     n_params = models.count_parameters(model)
     m = momentum_of(cfg.optim.name, cfg.optim.momentum)
-    engine = build_engine(cfg.backend, model, build_optimizer(model.parameters(), cfg.optim.name, m, cfg.optim.weight_decay),
-                          env, cfg.precision, cfg.optim.grad_clip_norm)
+    groups = param_groups(model, cfg.model.exclude_norm_and_bias_from_decay())
+    engine = build_engine(cfg.backend, model, build_optimizer(groups, cfg.optim.name, m, cfg.optim.weight_decay),
+                          env, cfg.precision, cfg.optim.grad_clip_norm, plan=plan, deepspeed_config_path=cfg.deepspeed.config)
     objective = objectives.for_task(data.spec.task)
     eps0 = cfg.optim.effective_lr
     gamma = decay_factor(eps0, cfg.schedule.decay_factor, cfg.schedule.final_lr)
@@ -97,6 +105,7 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
     if loaded is not None:
         payload, path = loaded
         engine.load_state_dict(payload)
+        objective.load_state_dict(payload.get("objective", {}))
         set_rng_state(payload["rng"])
         state = TrainState(**payload["state"])
         say(env, f"resumed from {path} (step {state.step} of {d.total_steps})")
@@ -105,6 +114,8 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
         atomic_write_json(run_dir / "env.json", provenance.environment(env, plan))
 
     say(env, f"run dir {run_dir}")
+    if "job_id" in state.segments[-1]:
+        say(env, f"SLURM job {state.segments[-1]['job_id']}, SLURM_RESTART_COUNT={state.segments[-1].get('restart_count', 0)}")
     say(env, f"plan {plan.describe()}")
     say(env, f"model {cfg.model.name}: {n_params:,} parameters; data {data.spec.kind}: "
              f"{data.spec.num_train} train / {data.spec.num_test} test examples")
@@ -123,8 +134,12 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             want_log = (step + 1) % cfg.log.every_steps == 0 or step + 1 == d.total_steps
             t0 = time.perf_counter()
             stats, norms = train_step(engine, objective, data.train_micro_batches(step), plan, torch_lr(eff, m), want_log)
-            stats = distributed.all_reduce_sum(torch.cat([stats, stats.new_tensor([float(stop.requested())])]))
-            train_stats = objective.summarize(stats[:-1].cpu())
+            # Flags every rank must agree on: a stop request (any rank), a time-based checkpoint (rank 0's clock:
+            # saving may be collective, e.g. the language model's hidden state is gathered over ranks).
+            minutes_due = (env.is_main and cfg.checkpoint.every_minutes is not None
+                           and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
+            stats = distributed.all_reduce_sum(torch.cat([stats, stats.new_tensor([float(stop.requested()), float(minutes_due)])]))
+            train_stats = objective.summarize(stats[:-2].cpu())
             state.train_seconds += time.perf_counter() - t0
             state.step = step + 1
             if step >= tail_start:
@@ -143,15 +158,16 @@ def _train(cfg: Config, run_dir: Path, env, started: float) -> dict:
             bar.update(1)
             if d.eval_every and state.step % d.eval_every == 0 and state.step < d.total_steps:
                 log.write({"step": state.step, **evaluate(engine, objective, data)})
-            stopping = stats[-1].item() > 0
-            due = (d.checkpoint_every and state.step % d.checkpoint_every == 0) or (
-                cfg.checkpoint.every_minutes is not None and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
+            stopping = stats[-2].item() > 0 and state.step < d.total_steps  # a stop at the end is just the end
+            due = (d.checkpoint_every and state.step % d.checkpoint_every == 0) or stats[-1].item() > 0
             if (due or stopping) and state.step < d.total_steps:
-                save_checkpoint(ckpt, engine, state, started)
+                save_checkpoint(ckpt, engine, state, started, objective)
                 last_save = time.time()
             if stopping:
                 status = "interrupted"
                 say(env, f"stop requested ({stop.signal_name or 'another rank'}): checkpoint saved at step {state.step}")
+                if env.is_main and (note := requeue_slurm_job()):
+                    say(env, note)
                 break
     finally:
         bar.close()
@@ -191,10 +207,12 @@ def engine_device(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-def save_checkpoint(ckpt: Checkpointer, engine, state: TrainState, started: float) -> None:
+def save_checkpoint(ckpt: Checkpointer, engine, state: TrainState, started: float, objective) -> None:
+    """Every rank calls this at the same step (the objective's state may be gathered over ranks); rank 0 writes."""
     snapshot = asdict(state)
     snapshot["wall_seconds"] = state.wall_seconds + (time.time() - started)
-    ckpt.save(state.step, {**engine.state_dict(), "rng": rng_state(), "state": snapshot})
+    ckpt.save(state.step, {**engine.state_dict(), "rng": rng_state(), "state": snapshot,
+                           "objective": objective.state_dict()})
 
 
 def finish(cfg, run_dir, env, engine, objective, data, log, state, plan, d, status, diverged_at, n_params, started) -> dict:
@@ -212,6 +230,7 @@ def finish(cfg, run_dir, env, engine, objective, data, log, state, plan, d, stat
         "total_steps": d.total_steps,
         "epochs": state.step / (d.total_steps / d.epochs),
         "train_loss": state.tail_loss_sum / state.tail_steps if state.tail_steps else None,
+        **objective.train_summary(state.tail_loss_sum / state.tail_steps if state.tail_steps else None),
         "test_metric": objective.metric,
         "higher_is_better": objective.higher_is_better,
         objective.metric: metrics.get(objective.metric),

@@ -27,6 +27,14 @@ class ModelConfig:
         """The objective this model trains for on data of `data_task` (the autoencoder: reconstruction)."""
         return data_task
 
+    def sequence_length(self) -> int | None:
+        """Tokens per stream per step for a language model (the LSTM's unroll), else None."""
+        return None
+
+    def exclude_norm_and_bias_from_decay(self) -> bool:
+        """True: no weight decay on normalization parameters and biases (harness.optim.param_groups)."""
+        return False
+
 
 def register(config_cls: type):
     """Decorator for a builder: `@register(WideResNetConfig) def build(cfg, spec): ...`."""
@@ -56,4 +64,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Importing the families fills the registry.
-from models import mlp, wide_resnet  # noqa: E402,F401
+from models import autoencoder, lstm, mlp, resnet, wide_resnet  # noqa: E402,F401

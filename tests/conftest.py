@@ -69,6 +69,27 @@ def digits_shards(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def imagenet_shards(tmp_path_factory) -> Path:
+    """Synthetic ImageNet-format JPEG shards: 4 classes, 256 train (4 shards) / 96 val (2 shards), small images."""
+    from data_pipelines.synth import synth
+
+    dest = tmp_path_factory.mktemp("imagenet")
+    synth("imagenet", dest, train=256, test=96, seed=0)
+    return dest
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM cluster on this machine: munged, slurmctld and two `slurmd -N node1/node2` (4 fake GPUs and
+    32 CPUs each), private to this session; installs slurm-wlm and munge with apt-get if missing.
+    API: tests/slurm_cluster.py (sbatch, wait, output, squeue, signal, step_nodes, env, logs)."""
+    from tests.slurm_cluster import SlurmCluster
+
+    with SlurmCluster(nodes=2) as cluster:
+        yield cluster

@@ -28,6 +28,12 @@ log: {{every_steps: 1, progress: false, tensorboard: false}}
 """)
 
 
+@pytest.fixture(scope="module")
+def reference_run(layout_config, tmp_path_factory):
+    """(W, m, A) = (1, 64, 4), shared by the tests of this module (each fp64 run costs tens of seconds)."""
+    return run_layout(layout_config, tmp_path_factory.mktemp("reference"), 1, 64)
+
+
 def run_layout(config, tmp_path, world, micro):
     run = tmp_path / f"w{world}-m{micro}"
     args = ["train", config, "--run-dir", run, "--set", f"batch.micro_batch_size={micro}"]
@@ -38,9 +44,9 @@ def run_layout(config, tmp_path, world, micro):
     return run
 
 
-def test_final_parameters_equal_at_every_layout(layout_config, tmp_path):
-    layouts = [(1, 64), (2, 64), (2, 128), (4, 64)]  # (W, m): A = 4, 2, 1, 1
-    runs = {lay: run_layout(layout_config, tmp_path, *lay) for lay in layouts}
+def test_final_parameters_equal_at_every_layout(layout_config, reference_run, tmp_path):
+    layouts = [(2, 64), (2, 128), (4, 64)]  # (W, m): A = 2, 1, 1
+    runs = {(1, 64): reference_run, **{lay: run_layout(layout_config, tmp_path, *lay) for lay in layouts}}
     ref = final_state(runs[(1, 64)])
     ref_result = json.loads((runs[(1, 64)] / "result.json").read_text())
     assert ref_result["layout"]["accumulation_steps"] == 4
@@ -54,3 +60,16 @@ def test_final_parameters_equal_at_every_layout(layout_config, tmp_path):
     from data_pipelines.synth import synth  # noqa: F401  (fixture made the shards)
     records = [json.loads(line) for line in (runs[(1, 64)] / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["update_norm"] > 1e-3
+
+
+def test_ghost_groups_across_ranks_give_the_same_trajectory(layout_config, reference_run, tmp_path):
+    """m < G: each ghost group of 64 spans 4 (m = 16) or 2 (m = 32) ranks of a micro-step (issue 3)."""
+    ref = final_state(reference_run)
+    ref_result = json.loads((reference_run / "result.json").read_text())
+    for world, micro in [(4, 16), (4, 32)]:  # 4 and 2 ranks per ghost group; A = 4 and 2
+        run = run_layout(layout_config, tmp_path, world, micro)
+        result = json.loads((run / "result.json").read_text())
+        assert (result["layout"]["micro_batch_size"], result["layout"]["accumulation_steps"]) == (micro, 256 // (world * micro))
+        assert max_abs_diff(final_state(run), ref) < 1e-10, (world, micro)
+        assert result["test_accuracy"] == ref_result["test_accuracy"], (world, micro)
+        assert abs(result["train_loss"] - ref_result["train_loss"]) < 1e-10, (world, micro)

@@ -18,16 +18,17 @@ def global_batch(path, b, w, m, step):
     """Concatenate every rank's micro-batches of `step` in (micro-step, rank) order."""
     plan = make_batch_plan(b, w, m, ghost_batch_size=64)
     per_rank = [source(path, b, w, m, r).train_micro_batches(step) for r in range(w)]
-    xs, ys = zip(*[per_rank[r][a] for a in range(plan.accumulation_steps) for r in range(w)])
-    return torch.cat(xs), torch.cat(ys)
+    xs, ys, keys = zip(*[per_rank[r][a] for a in range(plan.accumulation_steps) for r in range(w)])
+    return torch.cat(xs), torch.cat(ys), torch.cat(keys)
 
 
 @pytest.mark.parametrize("step", [0, 1, 3])  # B = 192 does not divide N = 512: step 2 crosses an epoch
 def test_global_batch_identical_at_every_layout(cifar_shards, step):
-    ref_x, ref_y = global_batch(cifar_shards, 192, 1, 192, step)
+    ref_x, ref_y, ref_keys = global_batch(cifar_shards, 192, 1, 192, step)
     for w, m in [(1, 64), (3, 64), (3, 64)]:
-        x, y = global_batch(cifar_shards, 192, w, m, step)
+        x, y, keys = global_batch(cifar_shards, 192, w, m, step)
         assert torch.equal(y, ref_y) and torch.equal(x, ref_x)
+        assert torch.equal(keys, ref_keys)  # per-example dropout keys (models.dropout) follow the example
 
 
 def test_epochs_are_permutations_and_reshuffled():
@@ -42,7 +43,7 @@ def test_epochs_are_permutations_and_reshuffled():
 
 def test_augmentation_keyed_per_example(cifar_shards):
     src = source(cifar_shards, 64, 1, 64, 0)
-    x0, y0 = src.train_micro_batches(0)[0]
+    x0, y0, _ = src.train_micro_batches(0)[0]
     # The same example, drawn by another rank at another position, is augmented identically.
     idx, epochs = src.order.lookup(0, 64)
     keys = example_keys(3, epochs, idx)

@@ -1,0 +1,79 @@
+"""Forward + backward time of the ghost-BN layer over nn.BatchNorm2d on the same input (issue 3).
+
+    python benchmarks/ghost_bn.py [--batch 512] [--channels 64] [--size 16] [--repeats 30]
+
+Input (B, C, H, W) = (512, 64, 16, 16) fp32 by default: 8 ghost groups of 64. Each timing is one forward,
+a backward of a fixed random upstream gradient (a `.sum()` probe would feed an expanded constant gradient
+instead of a real one), and gradient reset; warm-up first, then the median of `--repeats` runs, interleaving
+the two layers so that machine noise hits both alike. Printed for one thread and for torch's default thread
+count. The target is a ratio <= 1.2 on CPU. On a machine whose cores are oversubscribed, the multi-thread
+ratio mostly measures OpenMP barrier stalls (the ghost layer runs 8 groups, so 8x the parallel regions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.ghost_bn import GhostBatchNorm2d  # noqa: E402
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(grad)
+
+
+def timed(layer, x, grad) -> float:
+    t0 = time.perf_counter()
+    fwd_bwd(layer, x, grad)
+    return time.perf_counter() - t0
+
+
+def measure(threads: int, b: int, c: int, size: int, repeats: int, warmup: int, device: str) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, size, size, generator=gen).to(device).requires_grad_()
+    grad = torch.randn(b, c, size, size, generator=gen).to(device)
+    ghost, plain = GhostBatchNorm2d(c, 64).to(device), nn.BatchNorm2d(c).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fwd_bwd(ghost, x, grad)
+        fwd_bwd(plain, x, grad)
+    t_ghost, t_plain = [], []
+    for _ in range(repeats):
+        sync()
+        t_ghost.append(timed(ghost, x, grad))
+        sync()
+        t_plain.append(timed(plain, x, grad))
+        sync()
+    return statistics.median(t_ghost), statistics.median(t_plain)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    default_threads = torch.get_num_threads()
+    print(f"ghost BN (groups of 64) vs nn.BatchNorm2d, fwd+bwd, input ({args.batch}, {args.channels}, "
+          f"{args.size}, {args.size}) fp32 on {args.device}; median of {args.repeats} after {args.warmup} warm-up")
+    for threads in sorted({1, default_threads}):
+        ghost, plain = measure(threads, args.batch, args.channels, args.size, args.repeats, args.warmup, args.device)
+        print(f"threads={threads:<3d} ghost {ghost * 1e3:8.3f} ms   BatchNorm2d {plain * 1e3:8.3f} ms   "
+              f"ratio {ghost / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Harness overhead: `harness train` step time / a bare PyTorch loop's, same model, batch, optimizer, data.
+
+Both sides run in this process, alternating, so machine noise hits both. The harness side is the MARGINAL
+step time of `harness.trainer.train` with its defaults (keyed per-example augmentation, ghost-BN running-stat
+sync, metrics, TensorBoard, tqdm): wall(long run) - wall(short run), divided by the extra steps, which cancels
+start-up, data loading and the final evaluation. The bare loop is what a user would write by hand: a preloaded
+normalized float tensor, a random permutation, one random crop offset and flip per batch, loss.mean(),
+backward, torch.optim.SGD step; timed after warm-up.
+
+    python benchmarks/overhead.py                      # WRN-16-4 (the paper's model) and WRN-10-1, B = 64
+    python benchmarks/overhead.py --depth 10 --width 1 --batch 128 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models  # noqa: E402
+from data_pipelines import DataSpec  # noqa: E402
+from data_pipelines.memory import load_split  # noqa: E402
+from data_pipelines.shards import read_manifest  # noqa: E402
+from data_pipelines.synth import synth  # noqa: E402
+from harness.config import load_config  # noqa: E402
+from harness.optim import build_optimizer, torch_lr  # noqa: E402
+from harness.trainer import train  # noqa: E402
+
+
+def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int) -> float:
+    walls = {}
+    for steps in (short, long):
+        cfg = load_config(None, [f"data.name=cifar10", f"data.path={shards}", "model.name=wrn", f"model.depth={depth}",
+                                 f"model.width={width}", f"batch.global_batch_size={batch}", f"budget.steps={steps}",
+                                 "device=cpu", "optim.effective_lr=0.1"])
+        run = Path(tempfile.mkdtemp(dir=work))
+        t0 = time.perf_counter()
+        train(cfg, run)
+        walls[steps] = time.perf_counter() - t0
+    return (walls[long] - walls[short]) / (long - short)
+
+
+def bare_step_time(shards: Path, depth: int, width: int, batch: int, steps: int, warmup: int = 3) -> float:
+    manifest = read_manifest(shards)
+    images, labels = load_split(shards, manifest, "train")
+    mean = torch.tensor(manifest["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(manifest["std"]).view(1, 3, 1, 1)
+    data = (images.float() / 255 - mean) / std
+    spec = DataSpec("cifar10", "classification", len(labels), 0, 10, (3, 32, 32))
+    cfg = load_config(None, [f"data.path={shards}", "data.name=cifar10", "model.name=wrn", f"model.depth={depth}",
+                             f"model.width={width}", "budget.steps=1"]).model
+    torch.manual_seed(0)
+    model = models.build_model(cfg, spec)
+    opt = build_optimizer(model.parameters(), "momentum", 0.9, 5e-4)
+    for group in opt.param_groups:
+        group["lr"] = torch_lr(0.1, 0.9)
+    perm = torch.randperm(len(labels))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        idx = perm[(i * batch) % (len(labels) - batch):][:batch]
+        x, y = data[idx], labels[idx]
+        dy, dx = torch.randint(0, 9, (2,)).tolist()
+        x = F.pad(x, (4, 4, 4, 4))[:, :, dy:dy + 32, dx:dx + 32]
+        if torch.rand(()) < 0.5:
+            x = x.flip(3)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sum(times) / len(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, nargs="+", default=[16, 10])
+    p.add_argument("--width", type=int, nargs="+", default=[4, 1])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=0, help="extra steps measured (default: 20 for WRN-16-4, 100 else)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="overhead-"))
+    shards = work / "cifar10"
+    synth("cifar10", shards, train=4096, test=256)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.repeats} alternating repeats (median)")
+    for depth, width in zip(args.depth, args.width):
+        steps = args.steps or (20 if depth * width >= 64 else 100)
+        h, b = [], []
+        for _ in range(args.repeats):
+            b.append(bare_step_time(shards, depth, width, args.batch, steps))
+            h.append(harness_step_time(shards, work, depth, width, args.batch, 5, 5 + steps))
+        hm, bm = statistics.median(h), statistics.median(b)
+        print(f"WRN-{depth}-{width}: harness {hm * 1e3:.1f} ms/step, bare loop {bm * 1e3:.1f} ms/step, "
+              f"ratio {hm / bm:.3f} (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Ghost batch norm: local groups bitwise independent of the micro-batch; groups across ranks equal one batch
+norm over the same 64 examples (through the real torchrun, gloo); keyed dropout follows the example."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.dropout import KeyedDropout, dropout_keys, keep_mask
+from models.ghost_bn import GhostBatchNorm2d, update_running_stats
+from tests.conftest import ROOT, harness_env
+
+
+def test_local_groups_are_bitwise_independent_of_the_micro_batch():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8, 6, 6) * 2 + 1
+    g = torch.randn_like(x)
+    outs, grads, running = [], [], []
+    for micro in (64, 128, 256):  # 4 micro-batches of one group ... one of four groups
+        layer = GhostBatchNorm2d(8, 64)
+        xs = x.clone().requires_grad_()
+        ys = [layer(part) for part in xs.split(micro)]
+        torch.cat(ys).backward(g)
+        update_running_stats(layer)
+        outs.append(torch.cat(ys).detach())
+        grads.append((xs.grad, layer.weight.grad, layer.bias.grad))
+        running.append((layer.running_mean.clone(), layer.running_var.clone()))
+    for o, gr, r in zip(outs[1:], grads[1:], running[1:]):
+        assert torch.equal(o, outs[0])
+        assert all(torch.equal(a, b) for a, b in zip(gr[:1], grads[0][:1]))  # input gradient: bitwise
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(gr[1:], grads[0][1:]))  # gamma/beta: summed in another order (fp32)
+        assert all((a - b).abs().max() < 1e-6 for a, b in zip(r, running[0]))
+
+
+@pytest.mark.parametrize("shape, dtype", [((192, 5, 4, 4), torch.float32), ((192, 7), torch.float64)])
+def test_local_groups_are_bitwise_per_group_native_batch_norm(shape, dtype):
+    """The CPU fast path (one autograd node, no cat) computes exactly F.batch_norm on each group of 64."""
+    torch.manual_seed(1)
+    x = (torch.randn(shape) * 3 + 2).to(dtype).requires_grad_()
+    g = torch.randn(shape, dtype=dtype)
+    layer = GhostBatchNorm2d(shape[1], 64).to(dtype)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    y = layer(x)
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    stats = torch.zeros(2, 3, shape[1], dtype=dtype)
+    yr = torch.cat([F.batch_norm(p, stats[0, i], stats[1, i], layer.weight, layer.bias, True, 1.0, 1e-5)
+                    for i, p in enumerate(xr.split(64))])
+    yr.backward(g)
+    assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad)
+    assert torch.equal(layer.stat_accumulator[:-1], torch.cat([stats[0].sum(0), stats[1].sum(0)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", [
+    "cpu",  # gloo
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 4,
+                                                                    reason="nccl needs 4 GPUs for 4 ranks")]),
+])
+def test_groups_across_four_ranks_equal_one_batch_norm(tmp_path, device):
+    out = tmp_path / "ghost_bn.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+           str(ROOT / "tests" / "ghost_bn_worker.py"), str(out), device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(OMP_NUM_THREADS=1), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    for kind, r in results.items():
+        assert r["ranks_per_group"] == 4 and r["groups_counted"] == 1, (kind, r)  # running stats: the group once
+        for key in ("output", "input_grad", "gamma_grad", "beta_grad", "running_mean", "running_var"):
+            assert r[key] < 1e-10, (kind, key, r[key])
+        assert r["local_only_output"] > 1e-2, (kind, r)  # per-rank statistics would be told apart
+
+
+def test_dropout_mask_follows_the_example_key():
+    keys = torch.arange(100, dtype=torch.int64) * 7919 - 3
+    mask = keep_mask(keys, 0, (5, 40), 0.5)
+    assert mask.shape == (100, 5, 40)
+    assert torch.equal(keep_mask(keys[60:], 0, (5, 40), 0.5), mask[60:])  # same key, same mask, any batch
+    assert not torch.equal(keep_mask(keys, 1, (5, 40), 0.5), mask)  # another layer draws another mask
+    assert abs(mask.double().mean().item() - 0.5) < 0.02
+    assert abs(keep_mask(keys, 0, (5, 40), 0.2).double().mean().item() - 0.8) < 0.02
+
+    layer = torch.nn.Sequential(KeyedDropout(0.5))
+    x = torch.ones(100, 5, 40)
+    with pytest.raises(RuntimeError, match="per-example keys"):
+        layer(x)
+    with dropout_keys(layer, keys):
+        y = layer(x)
+    assert torch.equal(y, mask.double().float() * 2.0)
+    layer.eval()
+    assert torch.equal(layer(x), x)
