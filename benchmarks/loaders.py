@@ -94,7 +94,7 @@ def bench_memory(rounds: int, steps: int, batch: int) -> None:
             list(src.train_micro_batches(0))  # warm-up
             wall, cpu = time.perf_counter(), time.process_time()
             for step in range(r * steps, (r + 1) * steps):
-                for x, y in src.train_micro_batches(step):
+                for x, y, *_ in src.train_micro_batches(step):
                     pass
             n = steps * batch
             results[name].append((n / (time.perf_counter() - wall), n / (time.process_time() - cpu)))

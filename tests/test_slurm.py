@@ -106,7 +106,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(slurm_clus
     final parameters equal to an uninterrupted run of the same config and world size (fp64)."""
     from tests.conftest import final_state, torchrun
 
-    steps = 24
+    steps = 12
     overrides = [*TINY, "precision=fp64", f"data.path={cifar_shards}", f"budget.steps={steps}",
                  "checkpoint.every_minutes=null", "log.tensorboard=false"]
     reference = tmp_path / "reference"
