@@ -26,7 +26,7 @@ from typing import Optional
 import yaml
 
 from harness.errors import SweepError
-from harness.sweep import flatten, is_layout_key
+from harness.config import flatten, is_layout_key
 
 LR_KEYS = ("optim.effective_lr", "schedule.final_lr")
 FIXED_GROUP_KEYS = ("optim.name", "batch.global_batch_size")

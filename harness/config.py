@@ -221,14 +221,19 @@ LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device",
                "data.eval_batch_size", "data.workers", "data.gpu_decode", "log.", "checkpoint.", "eval.")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config mapping as {dotted.key: value}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def is_layout_key(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in LAYOUT_KEYS)
 
 
 def check_resumable(run_dir: Path, cfg: Config) -> None:
@@ -237,12 +242,12 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
     if not path.exists():
         return
     try:
-        old = _flatten(configlib.to_dict(from_dict(configlib.read_yaml(path))))
+        old = flatten(configlib.to_dict(from_dict(configlib.read_yaml(path))))
     except ConfigError as e:
         raise ConfigError(f"{path} cannot be read back ({e}); use a new --run-dir") from None
-    new = _flatten(configlib.to_dict(cfg))
+    new = flatten(configlib.to_dict(cfg))
     diff = [k for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in LAYOUT_KEYS)]
+            if old.get(k) != new.get(k) and not is_layout_key(k)]
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"run dir {run_dir} holds a run with a different config ({shown}); "

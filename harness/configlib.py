@@ -265,20 +265,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(tree: dict, key: str, value: Any, what: str | None = None) -> None:
+    """tree[a][b][c] = value for key "a.b.c", creating sections; `what` names the source in errors."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{what or key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--set` overrides to a raw config mapping (before strict loading, which then checks them)."""
     data = _deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
-            node = child
-        node[keys[-1]] = value
+        set_dotted(data, ".".join(keys), value, f"--set {text!r}")
     return data
 
 

@@ -22,13 +22,57 @@ from harness.optim import set_lr
 from models.ghost_bn import update_running_stats
 
 
-class Engine:
+class _EngineBase:
+    """What both engines share: autocast, the optimizer step with its norms, the checkpoint payload.
+    Subclasses set module, optimizer, autocast_dtype, device_type and local_clip, and define _apply()."""
+
+    local_clip: float | None = None  # clip here (DDP); DeepSpeed clips itself (gradient_clipping)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def step(self, lr: float, want_norms: bool) -> dict[str, float]:
+        """After the last micro-step: BN running statistics, clipping, the SGD step. Returns norms if asked
+        (the gradient norm before clipping, the parameter norm and the update norm after the step)."""
+        update_running_stats(self.module)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norms = {}
+        if want_norms or self.local_clip is not None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if self.local_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.local_clip, grad_norm)
+            norms["grad_norm"] = grad_norm
+        before = [p.detach().clone() for p in params] if want_norms else None
+        set_lr(self.optimizer, lr)
+        self._apply()
+        if want_norms:
+            norms["param_norm"] = torch.nn.utils.get_total_norm([p.detach() for p in params])
+            norms["update_norm"] = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before)])
+            norms = {k: float(v) for k, v in norms.items()}
+        return norms
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        # Both engines step the same torch SGD with fp32 (or fp64) weights: one payload, so a checkpoint
+        # resumes under either backend.
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class Engine(_EngineBase):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int, device: torch.device,
                  precision: str, grad_clip_norm: float | None):
         self.module = model
         self.optimizer = optimizer
         self.world_size = world_size
-        self.grad_clip_norm = grad_clip_norm
+        self.local_clip = grad_clip_norm
         if world_size > 1:
             # broadcast_buffers=False: DDP would otherwise overwrite every rank's BN running statistics
             # with rank 0's each forward; ghost_bn.update_running_stats keeps them identical instead.
@@ -39,11 +83,6 @@ class Engine:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = device.type
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
     def micro_step(self, objective, batch, global_count: float, last: bool) -> torch.Tensor:
         """Forward and backward one micro-batch; return its detached stats vector."""
         sync = contextlib.nullcontext() if (last or self.model is self.module) else self.model.no_sync()
@@ -53,32 +92,9 @@ class Engine:
             (loss_sum * (self.world_size / global_count)).backward()
         return stats
 
-    def step(self, lr: float, want_norms: bool) -> dict[str, float]:
-        """After the last micro-step: BN running statistics, clipping, the SGD step. Returns norms if asked."""
-        update_running_stats(self.module)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norms = {}
-        if want_norms or self.grad_clip_norm is not None:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip_norm, grad_norm)
-            norms["grad_norm"] = grad_norm
-        before = [p.detach().clone() for p in params] if want_norms else None
-        set_lr(self.optimizer, lr)
+    def _apply(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if want_norms:
-            norms["param_norm"] = torch.nn.utils.get_total_norm([p.detach() for p in params])
-            norms["update_norm"] = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before)])
-            norms = {k: float(v) for k, v in norms.items()}
-        return norms
-
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 # DeepSpeed config keys the harness derives from its own config (house style 1: one source of truth).
@@ -149,7 +165,7 @@ def _read_json(path: str) -> dict:
     return data
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_EngineBase):
     """backend: deepspeed. The same model, batch plan and torch SGD, stepped by `deepspeed.initialize`'s engine.
 
     DeepSpeed divides the loss by gradient_accumulation_steps (A) and averages gradients over the W ranks, so
@@ -175,14 +191,9 @@ class DeepSpeedEngine:
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         if self.ds.global_rank == 0:  # the config in effect, for the log (clipping 0.0 shows it is off)
             print(f"harness: deepspeed {deepspeed.__version__} engine, config {json.dumps(self.config)}", flush=True)
+        # autocast() serves evaluation with the bare module; training forwards use DeepSpeed's torch_autocast.
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = device.type
-
-    def autocast(self):
-        """For evaluation with the bare module; training forwards go through DeepSpeed's torch_autocast."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def micro_step(self, objective, batch, global_count: float, last: bool) -> torch.Tensor:
         self.ds.set_gradient_accumulation_boundary(last)
@@ -192,31 +203,9 @@ class DeepSpeedEngine:
             self.ds.step()  # off the boundary this only advances DeepSpeed's micro-step counter
         return stats
 
-    def step(self, lr: float, want_norms: bool) -> dict[str, float]:
-        """After the last micro-step (gradients already all-reduced by DeepSpeed): BN running statistics,
-        then DeepSpeed's step (clipping at gradient_clipping, the SGD step, zeroing the gradients)."""
-        update_running_stats(self.module)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norms = {}
-        if want_norms:
-            norms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
-            before = [p.detach().clone() for p in params]
-        set_lr(self.optimizer, lr)
+    def _apply(self) -> None:
+        """DeepSpeed's step at the accumulation boundary: clipping at gradient_clipping, the SGD step, zeroing."""
         self.ds.step()
-        if want_norms:
-            norms["param_norm"] = torch.nn.utils.get_total_norm([p.detach() for p in params])
-            norms["update_norm"] = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before)])
-            norms = {k: float(v) for k, v in norms.items()}
-        return norms
-
-    def state_dict(self) -> dict:
-        # The client optimizer is DeepSpeed's optimizer (stage 0, fp32 weights): the same payload as Engine's,
-        # so a checkpoint resumes under either backend.
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def build_engine(backend: str, model, optimizer, env, precision: str, grad_clip_norm: float | None,

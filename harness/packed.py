@@ -55,7 +55,7 @@ def pack_key(config: dict) -> Optional[str]:
     """Runs with the same key can train as one pack; None: this run trains alone (why: `unpackable_reason`)."""
     if unpackable_reason(config):
         return None
-    from harness.sweep import flatten
+    from harness.config import flatten
 
     rest = {k: v for k, v in flatten(config).items() if k not in PACK_KEYS}
     return json.dumps(rest, sort_keys=True)

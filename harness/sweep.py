@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from harness import configlib
-from harness.config import LAYOUT_KEYS, Config, from_dict
+from harness.config import Config, flatten, from_dict, is_layout_key
 from harness.configlib import positive
 from harness.errors import ConfigError
 
@@ -278,33 +278,6 @@ def get_dotted(tree: dict, key: str, where: str | None = None) -> Any:
     return node
 
 
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"spec key {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def is_layout_key(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in LAYOUT_KEYS)
-
-
 def science(cfg_dict: dict) -> dict:
     """The flattened resolved config without the layout keys: what makes a run this run."""
     return {k: v for k, v in flatten(cfg_dict).items() if not is_layout_key(k)}
@@ -394,7 +367,7 @@ def _base_dict(spec: SweepSpec, spec_path: Optional[Path]) -> dict:
     else:
         base = copy.deepcopy(spec.base)
     for key, value in spec.overrides.items():
-        set_dotted(base, str(key), value)
+        configlib.set_dotted(base, str(key), value, f"spec key {key}")
     return base
 
 
@@ -435,7 +408,7 @@ def expand(spec: SweepSpec, spec_path: Optional[Path] = None, allow_unchecked_mo
         for point in _points(axes):
             raw = copy.deepcopy(base)
             for key, value in point.items():
-                set_dotted(raw, key, value)
+                configlib.set_dotted(raw, key, value, f"spec key {key}")
             resolved, checked, note = _resolve(raw, allow_unchecked_models)
             if not satisfies(resolved, constraints):
                 dropped += 1

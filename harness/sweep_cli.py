@@ -258,7 +258,8 @@ def cmd_demo(args) -> int:
     from data_pipelines.convert import convert_digits
     from harness import analysis
     from harness.figures import write_figures
-    from harness.sweep import load_spec, set_dotted
+    from harness.configlib import set_dotted
+    from harness.sweep import load_spec
 
     started = time.time()
     data = Path(args.data)
