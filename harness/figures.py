@@ -58,7 +58,11 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def _save(fig, out: Path, stem: str, title: str = "") -> list[Path]:
+    """Title, lay out, write STEM.png and STEM.svg (each written then renamed), close the figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     paths = []
     for ext in ("png", "svg"):
         path = out / f"{stem}.{ext}"
@@ -66,6 +70,7 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
         tmp.replace(path)
         paths.append(path)
+    _plt().close(fig)
     return paths
 
 
@@ -113,12 +118,7 @@ def batch_size_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
         ax.set_title(f"({letter})", loc="left")
     axes[2].legend(fontsize=8)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    paths = _save(fig, out, "batch_size")
-    plt.close(fig)
-    return paths
+    return _save(fig, out, "batch_size", title)
 
 
 def _plain_log_axis(ax) -> None:
@@ -178,12 +178,7 @@ def epochs_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
             ax.legend(fontsize=7)
     _plain_log_axis(axes[1])
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    paths = _save(fig, out, "epochs")
-    plt.close(fig)
-    return paths
+    return _save(fig, out, "epochs", title)
 
 
 def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 6) -> list[Path]:
@@ -228,12 +223,7 @@ def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 6) 
     for p in range(len(keys), bands * cols):
         axes[2 * (p // cols)][p % cols].axis("off")
         axes[2 * (p // cols) + 1][p % cols].axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    paths = _save(fig, out, "lr_sweep")
-    plt.close(fig)
-    return paths
+    return _save(fig, out, "lr_sweep", title)
 
 
 def write_figures(a: Analysis, out: Path, title: str = "") -> list[Path]:
