@@ -8,8 +8,9 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 .PHONY: demo test test-fast venv clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
