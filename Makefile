@@ -21,7 +21,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
-# Unit tests only (no launchers, no services): seconds.
+# Without the tests marked slow (launchers, SLURM, long runs): about 4 minutes instead of about 20.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
