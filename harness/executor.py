@@ -230,12 +230,33 @@ class Outcome:
     metric_name: str = ""
 
 
-def execute_task(sweep_dir: Path, entries: list[dict], pack: bool = True,
-                 stop: Optional[Callable[[], bool]] = None) -> list[Outcome]:
-    """Run one task's runs in THIS process: lock each, train (as a pack if possible), release."""
+class TaskSignals:
+    """SIGUSR1/SIGTERM in an array task: stop after the run in progress. A run trained in this process sees
+    the signal itself (harness/signals.py); a run started through the launch entry gets it forwarded."""
+
+    def __init__(self):
+        self.requested = False
+        self.child: Optional[subprocess.Popen] = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.requested = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+
+def execute_task(sweep_dir: Path, entries: list[dict], pack: bool = True, signals: Optional[TaskSignals] = None,
+                 launch: Optional[dict] = None) -> list[Outcome]:
+    """Run one task's runs: lock each, train (as a pack if possible), release. Runs train in THIS process,
+    unless `launch` is given ({"nproc_per_node": P or None}): then each starts through `python -m launch`
+    (several processes, several nodes inside a SLURM job) and this process waits for it."""
     from harness.packed import pack_key
 
     sweep_dir = Path(sweep_dir)
+    stop = (lambda: signals.requested) if signals is not None else None
     locks = locks_for(sweep_dir)
     outcomes, mine = [], []
     for e in entries:
@@ -251,9 +272,16 @@ def execute_task(sweep_dir: Path, entries: list[dict], pack: bool = True,
         else:
             outcomes.append(Outcome(e["id"], e["name"], "locked", describe(holder)))
     try:
-        packable = pack and len(mine) > 1 and len({pack_key(e["config"]) for e in mine} - {None}) == 1 \
-            and pack_key(mine[0]["config"]) is not None
-        if packable:
+        packable = pack and launch is None and len(mine) > 1 \
+            and len({pack_key(e["config"]) for e in mine} - {None}) == 1 and pack_key(mine[0]["config"]) is not None
+        if launch is not None:
+            for e in mine:
+                if stop is not None and stop():
+                    break
+                outcomes.append(_run_launched(sweep_dir, e, locks, launch, signals))
+                if outcomes[-1].status == "interrupted":
+                    break
+        elif packable:
             outcomes += _run_pack(sweep_dir, mine, locks, stop)
         else:
             for e in mine:
@@ -319,6 +347,59 @@ def _run_one(sweep_dir: Path, e: dict, locks: RunLocks) -> Outcome:
         locks.release(e["id"])
         return Outcome(e["id"], e["name"], result.get("status", "interrupted"))
     return _done(sweep_dir, e, result, started, locks)
+
+
+def _run_launched(sweep_dir: Path, e: dict, locks: RunLocks, launch: dict,
+                  signals: Optional[TaskSignals]) -> Outcome:
+    """One run through the launch entry: srun + torchrun across this SLURM job's nodes (or torchrun here)."""
+    started = time.time()
+    run_dir = (sweep_dir / e["name"]).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = state_dir(sweep_dir).resolve() / "configs" / f"{e['name']}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config, yaml.safe_dump(_quiet(e["config"]), sort_keys=False))
+    cmd = [sys.executable, "-m", "launch", "--python", sys.executable]
+    if launch.get("nproc_per_node"):
+        cmd += ["--nproc-per-node", str(launch["nproc_per_node"])]
+    job = os.environ.get("SLURM_JOB_ID")
+    # One rendezvous per run: runs of a task follow each other on the same port (fixed by the job id).
+    cmd += ["--rdzv-id", f"{job or 'local'}-{e['id']}", str(config), "--run-dir", str(run_dir)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    log_path = run_dir / "train.log"
+    try:
+        with open(log_path, "a") as log:
+            log.write(f"sweep: {' '.join(cmd)}\n")
+            log.flush()
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if signals is not None:
+                signals.child = child
+            try:
+                code = child.wait()
+            finally:
+                if signals is not None:
+                    signals.child = None
+    except OSError as error:
+        return _failed(sweep_dir, e, started, locks, error)
+    result = result_of(run_dir)
+    if result is not None and result.get("status") in FINISHED:
+        return _done(sweep_dir, e, result, started, locks, exit_code=code)
+    if code == 0 or (signals is not None and signals.requested):
+        # Stopped at a step boundary (checkpoint saved; an interrupted run writes no result.json), or killed
+        # while stopping: the resubmitted sweep resumes it.
+        _record(sweep_dir, e, "interrupted", started, exit_code=code)
+        locks.release(e["id"])
+        return Outcome(e["id"], e["name"], "interrupted")
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    why = (errors or lines or ["no output"])[-1].strip()
+    return _failed(sweep_dir, e, started, locks, LaunchedRunError(f"python -m launch exited {code}: {why} "
+                                                                   f"(whole log: {log_path})"))
+
+
+class LaunchedRunError(Exception):
+    """A run started through the launch entry ended without a result."""
 
 
 def _run_pack(sweep_dir: Path, mine: list[dict], locks: RunLocks, stop) -> list[Outcome]:
@@ -409,12 +490,19 @@ def array_script() -> Path:
     return Path(__file__).resolve().parent.parent / "slurm" / "sweep_array.sh"
 
 
-def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool) -> Path:
+def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool, launch: Optional[dict] = None) -> Path:
+    """The array's task list; `launch` ({"nproc_per_node": P or None}) when each run starts through python -m launch."""
     directory = state_dir(sweep_dir) / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"tasks-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    atomic_write_json(path, {"sweep_dir": str(Path(sweep_dir).resolve()), "pack": pack, "tasks": tasks})
+    atomic_write_json(path, {"sweep_dir": str(Path(sweep_dir).resolve()), "pack": pack and launch is None,
+                             "launch": launch, "tasks": tasks})
     return path
+
+
+def launch_settings(slurm) -> Optional[dict]:
+    """What a task file carries for runs that start through the launch entry (None: train in the task process)."""
+    return {"nproc_per_node": slurm.nproc_per_node} if slurm.launched else None
 
 
 def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: int, max_parallel: int, slurm,
@@ -424,9 +512,11 @@ def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: i
     cmd = ["sbatch", "--parsable", f"--array=0-{n_tasks - 1}%{max_parallel}", f"--job-name=sweep-{sweep_name}",
            f"--output={logs}/%A_%a.out", f"--time={slurm.time}",
            f"--export=ALL,HARNESS_PYTHON={sys.executable},HARNESS_ROOT={array_script().parent.parent}"]
+    if slurm.launched:  # one task per node: the launch entry's srun starts a torchrun on each
+        cmd += [f"--nodes={slurm.nodes}", f"--ntasks={slurm.nodes}", "--ntasks-per-node=1"]
     for flag, value in (("--partition", slurm.partition), ("--account", slurm.account),
-                        ("--gpus-per-task", slurm.gpus_per_task), ("--cpus-per-task", slurm.cpus_per_task),
-                        ("--mem", slurm.mem)):
+                        ("--gpus-per-task", slurm.gpus_per_task), ("--gpus-per-node", slurm.gpus_per_node),
+                        ("--cpus-per-task", slurm.cpus_per_task), ("--mem", slurm.mem)):
         if value is not None:
             cmd.append(f"{flag}={value}")
     cmd += list(slurm.extra_args)
@@ -458,17 +548,13 @@ def submit_slurm(cmd: list[str], on_job: Optional[Callable[[str], None]] = None)
 
 
 def run_task_file(task_file: Path, index: int) -> list[Outcome]:
-    """One SLURM array task: its list of runs, in this process. SIGUSR1/SIGTERM (time limit, preemption)
-    stop it at the next run boundary; the trainer checkpoints a run in progress (harness/signals.py)."""
+    """One SLURM array task: its list of runs, in this process or each through the launch entry (the task
+    file's `launch`). SIGUSR1/SIGTERM (time limit, preemption) stop it at the next run boundary; the run in
+    progress checkpoints (harness/signals.py; forwarded to a launched run, which turns SIGUSR1 into RUN_DIR/STOP)."""
     data = read_json(task_file)
     tasks = data["tasks"]
     if not 0 <= index < len(tasks):
         raise LaunchError(f"array task {index} is outside 0..{len(tasks) - 1} of {task_file}")
-    stopping = {"flag": False}
-
-    def handler(signum, frame):
-        stopping["flag"] = True
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return execute_task(Path(data["sweep_dir"]), tasks[index], data.get("pack", True), stop=lambda: stopping["flag"])
+    signals = TaskSignals()
+    signals.install()
+    return execute_task(Path(data["sweep_dir"]), tasks[index], data.get("pack", True), signals, data.get("launch"))

@@ -78,9 +78,37 @@ class SlurmSpec:
     gpus_per_task: Optional[int] = positive(None)
     cpus_per_task: Optional[int] = positive(None)
     mem: Optional[str] = None
+    # Runs that need several GPUs or nodes each (ResNet-50 at large B): every array task gets `nodes` nodes
+    # (`gpus_per_node` GPUs each) and trains its runs one after another, each through `python -m launch`
+    # (srun + torchrun across the task's nodes, `nproc_per_node` processes per node: default the GPUs SLURM
+    # gave, 1 on a CPU-only node). Unset (1 node, at most 1 GPU or process): runs train in the task's process.
+    nodes: int = positive(1)
+    gpus_per_node: Optional[int] = positive(None)
+    nproc_per_node: Optional[int] = positive(None)
     # Unpackable runs per array task, trained one after another in one process (saves start-up).
     runs_per_task: int = positive(1)
     extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def launched(self) -> bool:
+        """Whether each run of a task is started through the launch entry (several processes per run)."""
+        return self.nodes > 1 or (self.gpus_per_node or 1) > 1 or (self.nproc_per_node or 1) > 1
+
+    def validate(self, path: str) -> None:
+        if self.gpus_per_task is not None and self.gpus_per_node is not None:
+            raise ConfigError(f"spec keys {path}.gpus_per_task and {path}.gpus_per_node: give one (gpus_per_node "
+                              "with nodes for runs that use several GPUs, gpus_per_task for one-GPU runs)")
+        if self.gpus_per_task is not None and self.launched:
+            raise ConfigError(f"spec key {path}.gpus_per_task: with {path}.nodes or {path}.nproc_per_node above 1, "
+                              f"give the GPUs as {path}.gpus_per_node")
+
+    def describe(self) -> str:
+        """Where one run trains, for --dry-run."""
+        if not self.launched:
+            return "one process per task" + (f" with {self.gpus_per_task} GPU(s)" if self.gpus_per_task else "")
+        gpus = f", {self.gpus_per_node} GPU(s) each" if self.gpus_per_node else ""
+        procs = self.nproc_per_node or (f"{self.gpus_per_node} (one per GPU)" if self.gpus_per_node else "1 per GPU SLURM gives")
+        return f"each run on {self.nodes} node(s){gpus}, {procs} process(es) per node, through python -m launch"
 
 
 @dataclass

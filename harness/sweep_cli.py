@@ -119,16 +119,20 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
 
 
 def _sweep_slurm(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> int:
-    from harness.executor import plan_tasks, prepare, record_submission, sbatch_command, status, submit_slurm, write_task_file
+    from harness.executor import (launch_settings, plan_tasks, prepare, record_submission, sbatch_command, status,
+                                  submit_slurm, write_task_file)
 
     entries = prepare(sweep, sweep_dir)
     st = status(entries, sweep_dir)
+    launch = launch_settings(sweep.spec.slurm)
+    pack = pack and launch is None  # a launched run has processes of its own
     tasks = plan_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, sweep.spec.slurm.runs_per_task)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:
         return 0
-    task_file = write_task_file(sweep_dir, tasks, pack)
+    task_file = write_task_file(sweep_dir, tasks, pack, launch)
+    print(f"sweep: {sweep.spec.slurm.describe()}", flush=True)
     cmd = sbatch_command(sweep.name, sweep_dir, task_file, len(tasks), max_parallel, sweep.spec.slurm, wait)
     print("sweep: " + " ".join(cmd), flush=True)
     if wait:  # sbatch --wait returns at the end; record the array first so a parallel resubmission sees it
@@ -212,9 +216,11 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
         lines.append(f"sweep dir {sweep_dir}: not started")
     if todo:
         if executor == "slurm":
-            tasks = plan_tasks(todo, pack, sweep.spec.executor.max_pack_runs, sweep.spec.slurm.runs_per_task)
+            slurm = sweep.spec.slurm
+            tasks = plan_tasks(todo, pack and not slurm.launched, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
             lines.append(f"executor slurm: {len(tasks)} array tasks, at most {max_parallel or 16} at once "
-                         f"(sbatch --array=0-{len(tasks) - 1}%{max_parallel or 16} slurm/sweep_array.sh ...)")
+                         f"(sbatch --array=0-{len(tasks) - 1}%{max_parallel or 16} slurm/sweep_array.sh ...); "
+                         f"{slurm.describe()}")
         else:
             tasks = plan_tasks(todo, pack, sweep.spec.executor.max_pack_runs, 1)
             packs = sum(len(t) > 1 for t in tasks)

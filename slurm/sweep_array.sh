@@ -4,8 +4,12 @@
 #     sbatch --array=0-<T-1>%<P> [--time/--partition/--gpus-per-task from the spec] slurm/sweep_array.sh TASK_FILE
 # (at most P tasks at once). Task i trains its list in ONE process: a pack of small runs as one batched model,
 # or runs one after another, each into its own run directory, each under a lock (no run is trained twice).
+# Runs of several GPUs or nodes each (spec `slurm: {nodes: N, gpus_per_node: G}`; sbatch then gets
+# --nodes=N --ntasks=N --ntasks-per-node=1 --gpus-per-node=G) start one after another through
+# `python -m launch` instead: srun + torchrun across the task's nodes, exactly as slurm/imagenet_bs4096.sh.
 # Time limit or preemption: SIGUSR1 (120 s before) reaches python (exec below); the run in progress checkpoints
-# and the task stops. Resubmitting `harness sweep` runs whatever is still missing, resuming from checkpoints.
+# (a launched run gets it forwarded), the task requeues itself (this task only) and resumes it; resubmitting
+# `harness sweep` also runs whatever is still missing, resuming from checkpoints.
 #SBATCH --job-name=harness-sweep
 #SBATCH --ntasks=1
 #SBATCH --time=04:00:00

@@ -8,6 +8,7 @@ The array script itself also runs here without SLURM, as bash with the variables
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,66 @@ def test_dry_run_shows_the_array_and_its_throttle(tmp_path, digits_shards):
     out = run_harness("sweep", spec(tmp_path, digits_shards, "slurm: {runs_per_task: 3}"), "--executor", "slurm",
                       "--dry-run", "--no-pack", "--sweep-dir", tmp_path / "sw").stdout
     assert "executor slurm: 3 array tasks, at most 16 at once (sbatch --array=0-2%16" in out  # 8 runs, 3 per task
+
+
+def test_runs_of_several_processes_get_nodes_and_go_through_the_launch_entry(tmp_path, digits_shards):
+    from harness.executor import launch_settings, sbatch_command
+    from harness.sweep import load_spec
+
+    path = spec(tmp_path, digits_shards, "slurm: {nodes: 2, gpus_per_node: 4, runs_per_task: 3}")
+    out = run_harness("sweep", path, "--executor", "slurm", "--dry-run", "--sweep-dir", tmp_path / "sw").stdout
+    # Never packed: 8 runs, 3 per task; each run on 2 nodes x 4 processes.
+    assert ("executor slurm: 3 array tasks, at most 16 at once (sbatch --array=0-2%16 slurm/sweep_array.sh ...); "
+            "each run on 2 node(s), 4 GPU(s) each, 4 (one per GPU) process(es) per node, through python -m launch") in out
+    slurm = load_spec(path).spec.slurm
+    assert launch_settings(slurm) == {"nproc_per_node": None}
+    cmd = sbatch_command("s", tmp_path / "sw", tmp_path / "t.json", 3, 16, slurm, wait=False)
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--gpus-per-node=4"} <= set(cmd)
+    single = load_spec(spec(tmp_path, digits_shards, "slurm: {gpus_per_task: 1}")).spec.slurm
+    assert launch_settings(single) is None
+    assert not any(c.startswith(("--nodes", "--gpus-per-node")) for c in
+                   sbatch_command("s", tmp_path / "sw", tmp_path / "t.json", 3, 16, single, wait=False))
+
+
+@pytest.mark.slow
+def test_a_launched_run_gets_the_tasks_sigusr1_checkpoints_and_resumes(tmp_path, digits_shards):
+    """Outside SLURM, a task whose runs go through `python -m launch` (torchrun, 2 processes): SIGUSR1 to the
+    task reaches the run (RUN_DIR/STOP), which checkpoints; the task ends with it interrupted (not failed), so
+    the next submission resumes it from that checkpoint (the resume itself: tests/test_slurm.py)."""
+    from harness.executor import plan_tasks, prepare, write_task_file
+    from harness.sweep import load_spec
+
+    path = write_config(tmp_path / "long.yaml", f"""
+name: long
+base:
+  model: {{name: mlp, hidden: [64]}}
+  data: {{name: digits, path: {digits_shards}}}
+  budget: {{steps: 300}}
+  device: cpu
+  log: {{every_steps: 20}}
+  checkpoint: {{every_steps: 100}}
+grid: {{batch.global_batch_size: [32], optim.effective_lr: [0.05], seed: [0]}}
+select: {{k: 1, n: 1}}
+slurm: {{nproc_per_node: 2}}
+""")
+    sweep_dir = tmp_path / "sw"
+    entries = prepare(load_spec(path), sweep_dir)
+    task_file = write_task_file(sweep_dir, plan_tasks(entries, False, 128, 1), False, {"nproc_per_node": 2})
+    run_dir = sweep_dir / entries[0]["name"]
+    cmd = [sys.executable, "-m", "harness", "sweep-task", str(task_file), "0"]
+    task = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    task.send_signal(signal.SIGUSR1)
+    out, err = task.communicate(timeout=300)
+    assert task.returncode == 0 and "sweep-task: 1 interrupted" in out, err[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "launch: SIGUSR1: wrote" in log and "checkpoint saved at step" in log
+    assert not (run_dir / "result.json").exists() and not (run_dir / "STOP").exists()
+    assert list((run_dir / "checkpoints").glob("step-*"))
+    history = [json.loads(line) for line in (sweep_dir / ".sweep" / "history.jsonl").read_text().splitlines()]
+    assert [h["status"] for h in history] == ["interrupted"]  # a resubmission resumes it (harness/trainer.py)
 
 
 def test_without_sbatch_the_slurm_executor_says_so(tmp_path, digits_shards):
@@ -122,3 +183,33 @@ def test_slurm_executor_completes_a_sweep_on_a_real_cluster(tmp_path, digits_sha
                       env=job_env, timeout=1200).stdout
     assert "5 finished, 0 running, 0 queued in earlier arrays, 3 to run" in out and "--array=0-1%16" in out
     assert len(list(sweep_dir.glob("*/result.json"))) == 8
+
+
+@pytest.mark.slow
+def test_slurm_executor_runs_each_run_across_two_nodes(tmp_path, digits_shards, cluster):
+    """`slurm: {nodes: 2}`: each array task has two nodes, and each of its runs is one torchrun world across
+    both (srun through the launch entry), one run after another in the same task."""
+    sweep_dir = tmp_path / "sw"
+    path = write_config(tmp_path / "two.yaml", f"""
+name: twonode
+base:
+  model: {{name: mlp, hidden: [16]}}
+  data: {{name: digits, path: {digits_shards}}}
+  budget: {{steps: 20}}
+  device: cpu
+  log: {{every_steps: 10}}
+grid: {{batch.global_batch_size: [32], optim.effective_lr: [0.1, 0.2], seed: [0]}}
+select: {{k: 1, n: 1}}
+slurm: {{time: '00:20:00', nodes: 2, gpus_per_node: 1, runs_per_task: 2}}
+""")
+    out = run_harness("sweep", path, "--executor", "slurm", "--wait", "--sweep-dir", sweep_dir,
+                      env=env(SLURM_CONF=cluster.conf), timeout=900).stdout
+    assert "--nodes=2" in out and "--array=0-0%16" in out and "through python -m launch" in out
+    results = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
+    logs = "\n".join(p.read_text() for p in sweep_dir.glob("*/train.log"))
+    assert len(results) == 2 and all(r["status"] == "completed" for r in results), logs[-4000:]
+    assert all(r["layout"]["world_size"] == 2 and r["segments"][0]["nnodes"] == "2" for r in results)
+    task_job = results[0]["segments"][0]["job_id"]
+    assert {r["segments"][0]["job_id"] for r in results} == {task_job}  # one array task, both runs
+    for step in ("0", "1"):  # each run: one srun step with a torchrun on each node
+        assert cluster.step_nodes(task_job, step) == {"node1", "node2"}

@@ -79,6 +79,9 @@ def test_run_id_ignores_layout_keys_but_not_science(tmp_path):
     ("grid: {seed: [0]}\nbudget_rule: constant_steps\n", r"budget_rule: constant_steps needs one budget.steps"),
     ("grid: {seed: [0]}\nconstraints: ['seed <> 1']\n", r"expected 'KEY OP KEY_OR_NUMBER'"),
     ("grid: {optim.effective_lr: {log2: [0, 1], slide: {axis: seed, ref: 1}}}\n", r"slide.axis seed must be another"),
+    ("grid: {seed: [0]}\nslurm: {nodes: 0}\n", r"slurm.nodes: must be > 0, got 0"),
+    ("grid: {seed: [0]}\nslurm: {nodes: 2, gpus_per_task: 4}\n", r"slurm.gpus_per_task: with slurm.nodes .* give the GPUs as slurm.gpus_per_node"),
+    ("grid: {seed: [0]}\nslurm: {gpus_per_node: 4, gpus_per_task: 4}\n", r"give one"),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as e:
