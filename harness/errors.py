@@ -43,3 +43,9 @@ class SweepError(HarnessError):
     """Runs of a sweep failed, or a sweep directory cannot be analyzed."""
 
     exit_code = 7
+
+
+class SweepStopped(SweepError):
+    """A sweep stopped early by Ctrl-C or a signal; its runs in progress checkpointed (exit 130, as for Ctrl-C)."""
+
+    exit_code = 130

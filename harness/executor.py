@@ -243,7 +243,10 @@ class TaskSignals:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame) -> None:
+        from harness.signals import request_stop
+
         self.requested = True
+        request_stop(signal.Signals(signum).name)  # a run starting in this process stops at its first step
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
 
@@ -439,48 +442,136 @@ def _quiet(config: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- local executor
 
 
-def _init_worker(threads: int) -> None:
+_WORKER_SIGNALS: Optional[TaskSignals] = None
+
+
+def _init_worker(threads: int, pids) -> None:
+    global _WORKER_SIGNALS
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cancels
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    _WORKER_SIGNALS = TaskSignals()  # SIGUSR1 from the parent: stop after the run in progress (checkpointed)
+    _WORKER_SIGNALS.install()
+    pids.put(os.getpid())
 
 
 def _worker(sweep_dir: str, task: list[dict], pack: bool) -> list[Outcome]:
-    return execute_task(Path(sweep_dir), task, pack)
+    return execute_task(Path(sweep_dir), task, pack, _WORKER_SIGNALS)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LocalRun:
+    outcomes: list[Outcome]
+    stopped_by: Optional[str] = None  # the signal that stopped the sweep early (runs in progress checkpointed)
 
 
 def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack: bool,
-              report: Callable[[Outcome], None]) -> list[Outcome]:
-    """A pool of `max_parallel` worker processes (1: this process), each taking whole tasks."""
+              report: Callable[[Outcome], None]) -> LocalRun:
+    """A pool of `max_parallel` worker processes (1: this process), each taking whole tasks.
+
+    Ctrl-C (SIGINT), SIGTERM or SIGUSR1 stop the sweep gracefully: no new run starts, every run in progress
+    stops at its next step with a checkpoint (a pack stops without one), and the same command resumes them. A
+    second Ctrl-C stops at once (the runs resume from their last periodic checkpoint)."""
     import torch
 
-    outcomes = []
+    run = LocalRun([])
     cores = os.cpu_count() or 1
     # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (torch reads it itself).
     workers = max(1, min(max_parallel, len(tasks)))
     threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // workers)
+
+    def collect(outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            report(o)
+            run.outcomes.append(o)
+
     if workers == 1:
         if threads:
             torch.set_num_threads(threads)
-        for task in tasks:
-            for o in execute_task(sweep_dir, task, pack):
-                report(o)
-                outcomes.append(o)
-        return outcomes
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
+        signals = TaskSignals()
+
+        def on_int(signum, frame):
+            if signals.requested:
+                raise KeyboardInterrupt
+            run.stopped_by = run.stopped_by or "SIGINT"
+            _say_stopping(run.stopped_by)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the trainer's stop request (harness/signals.py), or `signals`
+
+        def on_stop(signum, frame):
+            run.stopped_by = run.stopped_by or signal.Signals(signum).name
+            signals.handle(signum, frame)
+
+        previous = {sig: signal.signal(sig, handler) for sig, handler in
+                    ((signal.SIGINT, on_int), (signal.SIGUSR1, on_stop), (signal.SIGTERM, on_stop))}
         try:
-            for future in as_completed(futures):
-                for o in future.result():
-                    report(o)
-                    outcomes.append(o)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return outcomes
+            for task in tasks:
+                if signals.requested:
+                    break
+                collect(execute_task(sweep_dir, task, pack, signals))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return run
+
+    ctx = get_context("spawn")
+    pids = ctx.SimpleQueue()
+
+    def on_signal(signum, frame):
+        run.stopped_by = signal.Signals(signum).name
+        raise _Stop
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, pids)) as pool:
+            futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
+            try:
+                for future in as_completed(futures):
+                    collect(future.result())
+            except _Stop:
+                _stop_workers(futures, pids, run, collect)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return run
+
+
+def _say_stopping(reason: str) -> None:
+    print(f"sweep: {reason}: the runs in progress stop at their next step, with a checkpoint unless packed "
+          "(Ctrl-C again: stop at once)", file=sys.__stderr__, flush=True)  # not a run's train.log
+
+
+def _stop_workers(futures, pids, run: LocalRun, collect) -> None:
+    """Cancel what has not started; ask every worker to stop its run at the next step; wait for them."""
+    for f in futures:
+        f.cancel()
+    workers = []
+    while not pids.empty():
+        workers.append(pids.get())
+
+    def kill(signum, frame):  # a second Ctrl-C: stop now
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, kill)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    _say_stopping(run.stopped_by)
+    for f in futures:
+        if not f.cancelled():
+            with contextlib.suppress(Exception):  # a worker that died: its runs are missing, run again
+                collect(f.result())
 
 
 # ---------------------------------------------------------------------------------------------- SLURM executor

@@ -16,6 +16,16 @@ import subprocess
 from pathlib import Path
 
 
+# A stop asked of the whole process before or between runs (a sweep task's signal handler, harness/executor.py):
+# a run that starts or is starting in this process stops at its first step boundary.
+_process_stop: str | None = None
+
+
+def request_stop(reason: str) -> None:
+    global _process_stop
+    _process_stop = reason
+
+
 class StopRequest:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -31,8 +41,13 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        previous = self._previous.get(signum)
+        if callable(previous):  # a sweep task's handler (harness/executor.py): it stops after this run too
+            previous(signum, frame)
 
     def requested(self) -> bool:
+        if self.signal_name is None and _process_stop is not None:
+            self.signal_name = _process_stop
         if self.signal_name is None and self.stop_file.exists():
             self.signal_name = "STOP file"
         return self.signal_name is not None

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness.errors import ConfigError, SweepError
+from harness.errors import ConfigError, SweepError, SweepStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
             tqdm.write(f"sweep: {o.name}: {o.status}{value}{(' ' + o.detail) if o.detail else ''}")
 
     try:
-        run_local(sweep_dir, tasks, max_parallel, pack, report)
+        local = run_local(sweep_dir, tasks, max_parallel, pack, report)
     finally:
         bar.close()
     ran = counts["completed"] + counts["diverged"] + counts["failed"] + counts["interrupted"]
@@ -115,6 +115,10 @@ def _sweep_local(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose:
     if counts["failed"]:
         raise SweepError(f"{counts['failed']} runs failed (see <run dir>/error.txt and {sweep_dir}/.sweep/history.jsonl); "
                          "fix the cause and run the same command again: it runs only what is missing or failed")
+    if local.stopped_by:
+        raise SweepStopped(f"sweep {sweep.name} stopped by {local.stopped_by}: {counts['interrupted']} runs interrupted, "
+                           f"{len(st.missing) - len(local.outcomes)} not started; run the same command again: "
+                           "interrupted runs resume from their checkpoint (packed runs start over)")
     return 0
 
 

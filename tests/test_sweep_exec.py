@@ -138,6 +138,36 @@ def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digit
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_same_command_resumes(tmp_path, digits_shards):
+    spec = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2]\n  seed: [0]",
+                     extra="", name="cc").read_text().replace("steps: 120", "steps: 1500")
+    spec_path = write_config(tmp_path / "cc.yaml", spec.replace("log: {every_steps: 20}",
+                                                                 "log: {every_steps: 20}\n  checkpoint: {every_steps: 1000}"))
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "harness", "sweep", str(spec_path), "--sweep-dir", str(sweep_dir), "--no-pack",
+           "--max-parallel", "2"]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(list(sweep_dir.glob("*/metrics.jsonl"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the parent (its workers ignore SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT: 2 runs interrupted, 1 not started; run the same command again" in err
+    assert [h["status"] for h in history(sweep_dir)] == ["interrupted", "interrupted"]
+    interrupted = [h["name"] for h in history(sweep_dir)]
+    for name in interrupted:
+        assert list((sweep_dir / name / "checkpoints").glob("step-*.pt")) and not (sweep_dir / name / "result.json").exists()
+    assert not list((sweep_dir / ".sweep" / "locks").glob("*.lock"))
+    out = run_harness("sweep", spec_path, "--sweep-dir", sweep_dir, "--no-pack", "--max-parallel", "2", env=env()).stdout
+    assert "0 finished, 0 running elsewhere, 3 to run" in out and "3 completed" in out
+    for name in interrupted:  # resumed from the stop's checkpoint: two segments
+        result = json.loads((sweep_dir / name / "result.json").read_text())
+        assert result["steps"] == 1500 and len(result["segments"]) == 2
+
+
+@pytest.mark.slow
 def test_failed_runs_are_recorded_and_run_again(tmp_path, digits_shards):
     broken = tmp_path / "broken"
     spec = tiny_spec(tmp_path, broken, "  optim.effective_lr: [0.1, 0.2]")
