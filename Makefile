@@ -21,7 +21,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
-# Without the tests marked slow (launchers, SLURM, long runs): about 4 minutes instead of about 20.
+# Without the tests marked slow (launchers, SLURM, long runs): about 4 minutes instead of about 22.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
