@@ -352,6 +352,10 @@ def _run_one(sweep_dir: Path, e: dict, locks: RunLocks) -> Outcome:
     return _done(sweep_dir, e, result, started, locks)
 
 
+class LaunchedRunError(Exception):
+    """A run started through the launch entry ended without a result."""
+
+
 def _run_launched(sweep_dir: Path, e: dict, locks: RunLocks, launch: dict,
                   signals: Optional[TaskSignals]) -> Outcome:
     """One run through the launch entry: srun + torchrun across this SLURM job's nodes (or torchrun here)."""
@@ -399,10 +403,6 @@ def _run_launched(sweep_dir: Path, e: dict, locks: RunLocks, launch: dict,
     why = (errors or lines or ["no output"])[-1].strip()
     return _failed(sweep_dir, e, started, locks, LaunchedRunError(f"python -m launch exited {code}: {why} "
                                                                    f"(whole log: {log_path})"))
-
-
-class LaunchedRunError(Exception):
-    """A run started through the launch entry ended without a result."""
 
 
 def _run_pack(sweep_dir: Path, mine: list[dict], locks: RunLocks, stop) -> list[Outcome]:

@@ -1,7 +1,7 @@
 """The SLURM executor: a job array with a throttle through slurm/sweep_array.sh, on a real SLURM cluster.
 
 The cluster is the launch issue's session fixture `slurm_cluster` (tests/slurm_cluster.py: munged, slurmctld
-and two slurmd on this machine; `.conf` is its slurm.conf). Without that fixture the cluster test is skipped.
+and two slurmd on this machine; `.conf` is its slurm.conf).
 The array script itself also runs here without SLURM, as bash with the variables SLURM would set.
 """
 
@@ -141,19 +141,11 @@ def test_array_script_runs_its_tasks_as_slurm_would(tmp_path, digits_shards):
     assert {e["slurm"]["array_task_id"] for e in envs} == {"0", "1"}
 
 
-@pytest.fixture
-def cluster(request):
-    try:
-        return request.getfixturevalue("slurm_cluster")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the slurm_cluster fixture (tests/slurm_cluster.py, from the launch issue) on this branch")
-
-
 @pytest.mark.slow
-def test_slurm_executor_completes_a_sweep_on_a_real_cluster(tmp_path, digits_shards, cluster):
+def test_slurm_executor_completes_a_sweep_on_a_real_cluster(tmp_path, digits_shards, slurm_cluster):
     sweep_dir = tmp_path / "sw"
     path = spec(tmp_path, digits_shards, "slurm: {time: '00:20:00', runs_per_task: 2}")
-    job_env = env(SLURM_CONF=cluster.conf)
+    job_env = env(SLURM_CONF=slurm_cluster.conf)
     # Two packs: two array tasks, one at a time (%1).
     out = run_harness("sweep", path, "--executor", "slurm", "--max-parallel", "1", "--sweep-dir", sweep_dir,
                       env=job_env).stdout
@@ -186,7 +178,7 @@ def test_slurm_executor_completes_a_sweep_on_a_real_cluster(tmp_path, digits_sha
 
 
 @pytest.mark.slow
-def test_slurm_executor_runs_each_run_across_two_nodes(tmp_path, digits_shards, cluster):
+def test_slurm_executor_runs_each_run_across_two_nodes(tmp_path, digits_shards, slurm_cluster):
     """`slurm: {nodes: 2}`: each array task has two nodes, and each of its runs is one torchrun world across
     both (srun through the launch entry), one run after another in the same task."""
     sweep_dir = tmp_path / "sw"
@@ -203,7 +195,7 @@ select: {{k: 1, n: 1}}
 slurm: {{time: '00:20:00', nodes: 2, gpus_per_node: 1, runs_per_task: 2}}
 """)
     out = run_harness("sweep", path, "--executor", "slurm", "--wait", "--sweep-dir", sweep_dir,
-                      env=env(SLURM_CONF=cluster.conf), timeout=900).stdout
+                      env=env(SLURM_CONF=slurm_cluster.conf), timeout=900).stdout
     assert "--nodes=2" in out and "--array=0-0%16" in out and "through python -m launch" in out
     results = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
     logs = "\n".join(p.read_text() for p in sweep_dir.glob("*/train.log"))
@@ -212,4 +204,4 @@ slurm: {{time: '00:20:00', nodes: 2, gpus_per_node: 1, runs_per_task: 2}}
     task_job = results[0]["segments"][0]["job_id"]
     assert {r["segments"][0]["job_id"] for r in results} == {task_job}  # one array task, both runs
     for step in ("0", "1"):  # each run: one srun step with a torchrun on each node
-        assert cluster.step_nodes(task_job, step) == {"node1", "node2"}
+        assert slurm_cluster.step_nodes(task_job, step) == {"node1", "node2"}

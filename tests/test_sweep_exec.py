@@ -139,10 +139,8 @@ def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digit
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_same_command_resumes(tmp_path, digits_shards):
-    spec = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2]\n  seed: [0]",
-                     extra="", name="cc").read_text().replace("steps: 120", "steps: 1500")
-    spec_path = write_config(tmp_path / "cc.yaml", spec.replace("log: {every_steps: 20}",
-                                                                 "log: {every_steps: 20}\n  checkpoint: {every_steps: 1000}"))
+    spec_path = tiny_spec(tmp_path, digits_shards, "  optim.effective_lr: [0.05, 0.1, 0.2]\n  seed: [0]",
+                          extra="overrides: {budget.steps: 1500, checkpoint.every_steps: 1000}", name="cc")
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "harness", "sweep", str(spec_path), "--sweep-dir", str(sweep_dir), "--no-pack",
            "--max-parallel", "2"]
