@@ -1,9 +1,12 @@
 """Run locks: two executors on one sweep never train the same run at the same time.
 
-A lock is a file created with O_CREAT | O_EXCL (atomic on local file systems and on NFSv3+), holding the
-holder's host, pid, start time and SLURM job. The holder touches it every `heartbeat` seconds. A lock is
-stale, and may be broken, when its holder is on this host and its pid is gone, or when its heartbeat is older
-than `stale_after` seconds (a holder on another node that crashed or was killed, or a reused pid). Breaking is serialized by a
+A lock is a file holding the holder's host, pid, start time and SLURM job. It is written in full to a private
+temporary file and then published with link(2), which is atomic and fails if the lock exists (on local file
+systems, NFS, Lustre and GPFS alike), so a lock is never seen empty or half-written, even when its writer is
+killed mid-write; where hard links are not supported it falls back to O_CREAT | O_EXCL. The holder touches it every `heartbeat` seconds. A lock is
+stale, and may be broken, when its holder is on this host and its pid is gone (or a zombie, or reused by a
+process started after the lock was written), or when its heartbeat is older than `stale_after` seconds (a holder
+on another node that crashed or was killed). Breaking is serialized by a
 second O_EXCL file (`.break`), so of several executors that find the same stale lock exactly one takes it.
 """
 
@@ -29,14 +32,37 @@ def _info() -> dict:
     return info
 
 
-def _pid_alive(pid: int) -> bool:
+PID_REUSE_MARGIN_SECONDS = 60.0  # clock steps and tick rounding; a pid reused sooner is caught by the heartbeat
+
+
+def _proc_start(pid: int) -> tuple[str, float] | None:
+    """(state, start time in epoch seconds) of a Linux process from /proc, or None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) onwards
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _pid_alive(pid: int, since: float | None = None) -> bool:
+    """Whether the process `pid` that took a lock at `since` still runs: not gone, not a zombie, not a newer
+    process that reused the pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    proc = _proc_start(pid)
+    if proc is None:
         return True
-    return True
+    state, started = proc
+    if state in ("Z", "X"):  # killed, not yet reaped (its parent died too, and PID 1 does not reap)
+        return False
+    return not (isinstance(since, (int, float)) and started > since + PID_REUSE_MARGIN_SECONDS)
 
 
 def read_lock(path: Path) -> dict | None:
@@ -54,7 +80,7 @@ def is_stale(path: Path, info: dict | None, stale_after: float) -> bool:
     except FileNotFoundError:
         return False  # gone: not stale, simply free
     if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        if not _pid_alive(info["pid"]):
+        if not _pid_alive(info["pid"], info.get("since")):
             return True
     return age > stale_after  # no heartbeat for that long: a holder elsewhere died (or this pid was reused)
 
@@ -101,6 +127,24 @@ class RunLocks:
         return False, read_lock(path)
 
     def _create(self, path: Path) -> bool:
+        """Publish a complete lock file at `path` atomically; False if one is there already."""
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(_info(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: O_EXCL, which a kill mid-write can leave empty
+            return self._create_exclusive(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_exclusive(path: Path) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

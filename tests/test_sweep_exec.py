@@ -78,9 +78,46 @@ def test_stale_locks_are_broken(tmp_path):
     assert json.loads((tmp_path / "a.lock").read_text())["pid"] == os.getpid()
 
 
+def test_a_holder_killed_while_writing_its_lock_leaves_no_lock(tmp_path):
+    # The lock's content is written to a private file and linked into place: a kill mid-write leaves no empty
+    # lock (which, judged by its age only, would block the run for STALE_AFTER_SECONDS).
+    script = ("import sys, time, harness.locks as L\n"
+              "def hang(fd): print('writing', flush=True); time.sleep(600)\n"
+              "L.os.fsync = hang\n"
+              f"L.RunLocks({str(tmp_path)!r}).acquire('r')\n")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "writing\n"
+    child.kill()
+    child.wait()
+    assert not list(tmp_path.glob("*.lock"))
+    assert RunLocks(tmp_path).acquire("r") == (True, None)
+
+
+def test_a_zombie_or_a_reused_pid_does_not_hold_a_lock(tmp_path):
+    host = socket.gethostname()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not Path(f"/proc/{zombie.pid}/stat").read_text().split(")")[1].split()[0] == "Z":
+        time.sleep(0.01)  # exited, not reaped: os.kill(pid, 0) still succeeds
+    (tmp_path / "z.lock").write_text(json.dumps({"host": host, "pid": zombie.pid, "since": time.time()}))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        # the same live pid: started an hour after the lock was written (reused), or before it (the holder)
+        (tmp_path / "reused.lock").write_text(json.dumps({"host": host, "pid": live.pid, "since": time.time() - 3600}))
+        (tmp_path / "held.lock").write_text(json.dumps({"host": host, "pid": live.pid, "since": time.time() + 1}))
+        locks = RunLocks(tmp_path, stale_after=600)
+        assert locks.acquire("z")[0] and locks.acquire("reused")[0]
+        ok, holder = locks.acquire("held")
+        assert not ok and holder["pid"] == live.pid
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+
+
 def _race(directory, barrier, queue):
     barrier.wait()
     queue.put(RunLocks(Path(directory), stale_after=600).acquire("r")[0])
+    barrier.wait()  # the winner lives until all have tried: a holder that exited would leave a stale lock
 
 
 def test_exactly_one_of_many_executors_takes_a_stale_lock(tmp_path):
@@ -110,8 +147,10 @@ def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digit
            "--max-parallel", "1"]
     proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while len(results(sweep_dir)) < 3 and proc.poll() is None and time.time() < deadline:
+    deadline, locks = time.time() + 600, sweep_dir / ".sweep" / "locks"
+    # kill once 3 runs are finished and the next one is under way (its lock taken; a run takes about 1.5 s)
+    while not (len(results(sweep_dir)) >= 3 and list(locks.glob("*.lock"))) and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the executor dies mid-run: no clean-up, its lock stays behind
     proc.wait()
@@ -119,7 +158,7 @@ def test_resubmission_after_a_kill_runs_exactly_the_missing_runs(tmp_path, digit
     assert 3 <= len(finished) < 8, f"the kill came too late ({len(finished)} of 8 finished)"
     stamps = {name: [(p.parent / f).stat().st_mtime_ns for f in ("result.json", "metrics.jsonl", "config.yaml")]
               for name, p in finished.items()}
-    assert list((sweep_dir / ".sweep" / "locks").glob("*.lock"))  # the killed run's lock, left behind
+    assert list(locks.glob("*.lock"))  # the killed run's lock, left behind
     before = len(history(sweep_dir))
 
     again = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", "--max-parallel", "1", "-v", env=env())
