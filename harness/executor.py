@@ -586,8 +586,8 @@ def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool, launch
     directory = state_dir(sweep_dir) / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"tasks-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    atomic_write_json(path, {"sweep_dir": str(Path(sweep_dir).resolve()), "pack": pack and launch is None,
-                             "launch": launch, "tasks": tasks})
+    atomic_write_json(path, {"sweep_dir": str(Path(sweep_dir).resolve()), "pack": pack, "launch": launch,
+                             "tasks": tasks})
     return path
 
 
