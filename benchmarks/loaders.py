@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_pipelines import ReaderOptions, build_data  # noqa: E402
-from harness.plan import make_batch_plan  # noqa: E402
+from harness.recipe.batch_plan import make_batch_plan  # noqa: E402
 
 
 def _proc_cpu(pid: int) -> float | None:

@@ -1,7 +1,7 @@
 """Harness overhead: `harness train` step time / a bare PyTorch loop's, same model, batch, optimizer, data.
 
 Both sides run in this process, alternating, so machine noise hits both. The harness side is the MARGINAL
-step time of `harness.trainer.train` with its defaults (keyed per-example augmentation, ghost-BN running-stat
+step time of `harness.train.trainer.train` with its defaults (keyed per-example augmentation, ghost-BN running-stat
 sync, metrics, TensorBoard, tqdm): wall(long run) - wall(short run), divided by the extra steps, which cancels
 start-up, data loading and the final evaluation. The bare loop is what a user would write by hand: a preloaded
 normalized float tensor, a random permutation, one random crop offset and flip per batch, loss.mean(),
@@ -26,13 +26,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402
-from data_pipelines import DataSpec  # noqa: E402
 from data_pipelines.memory import load_split  # noqa: E402
 from data_pipelines.shards import read_manifest  # noqa: E402
+from data_pipelines.spec import DataSpec  # noqa: E402
 from data_pipelines.synth import synth  # noqa: E402
-from harness.config import load_config  # noqa: E402
-from harness.optim import build_optimizer, torch_lr  # noqa: E402
-from harness.trainer import train  # noqa: E402
+from harness.recipe.optim import build_optimizer, torch_lr  # noqa: E402
+from harness.train.config import load_config  # noqa: E402
+from harness.train.trainer import train  # noqa: E402
 
 
 def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int) -> float:

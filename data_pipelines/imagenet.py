@@ -33,8 +33,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from data_pipelines.convert import SOURCES, SplitWriter, fingerprint
-from harness.errors import DataError
+from data_pipelines.formats import SOURCES
+from data_pipelines.writer import SplitWriter, fingerprint
+from harness.core.errors import DataError
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 DEFAULT_SHARD_BYTES = 10**9

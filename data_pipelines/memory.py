@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from data_pipelines import DataSpec
 from data_pipelines.augment import PaddedImages, crop_flip_params
 from data_pipelines.order import ExampleOrder, example_keys
 from data_pipelines.shards import iter_samples, split_entry, verify_shards
-from harness.errors import DataError
+from data_pipelines.spec import DataSpec
+from harness.core.errors import DataError
 
 # (pad, flip) of each dataset's standard augmentation; pad 0 means none.
 AUGMENT = {"cifar10": (4, True), "cifar100": (4, True), "digits": (1, False), "mnist": (0, False)}
@@ -133,6 +133,7 @@ class InMemoryImages:
         self.train_x, self.train_y = self.train.images, train_y.to(device)  # train_x: unpadded view
         self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test", skip_bad))
         self.order = ExampleOrder(len(self.train_y), seed)
+        self._orders = {seed: self.order}  # and other seeds' orders (packed runs)
         # x_normalized = x_uint8 * scale + shift, per channel: (x / 255 - mean) / std.
         std = torch.tensor(manifest["std"], dtype=torch.float64)
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
@@ -149,23 +150,28 @@ class InMemoryImages:
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.to(self.dtype), self.scale)
 
+    def stream(self, start: int, stop: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training stream positions [start, stop) of the run with `seed` (default: this reader's): the examples
+        in that run's order, augmented by their keys and normalized, as (inputs, targets, int64 keys). Global
+        batch i is positions [iB, (i+1)B); packed runs (harness/train/packed.py) read their seeds' streams here."""
+        seed = self.seed if seed is None else seed
+        if seed not in self._orders:
+            self._orders[seed] = ExampleOrder(len(self.train_y), seed)
+        idx, epochs = self._orders[seed].lookup(start, stop)
+        index = torch.from_numpy(idx).to(self.device)
+        keys = example_keys(seed, epochs, idx)
+        if self.pad or self.flip:
+            dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
+        else:
+            dy = dx = np.full(len(idx), self.pad, dtype=np.int64)
+            fl = np.zeros(len(idx), dtype=bool)
+        x = self._normalize(self.train.crop(index, dy, dx, fl))
+        return x, x if self.reconstruct else self.train_y[index], torch.from_numpy(keys.view(np.int64)).to(self.device)
+
     def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         base = step * self.plan.global_batch_size
-        out = []
-        for a in range(self.plan.accumulation_steps):
-            lo, hi = self.plan.micro_slice(a, self.rank)
-            idx, epochs = self.order.lookup(base + lo, base + hi)
-            index = torch.from_numpy(idx).to(self.device)
-            keys = example_keys(self.seed, epochs, idx)
-            if self.pad or self.flip:
-                dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
-            else:
-                dy = dx = np.full(len(idx), self.pad, dtype=np.int64)
-                fl = np.zeros(len(idx), dtype=bool)
-            x = self._normalize(self.train.crop(index, dy, dx, fl))
-            out.append((x, x if self.reconstruct else self.train_y[index],
-                        torch.from_numpy(keys.view(np.int64)).to(self.device)))
-        return out
+        return [self.stream(base + lo, base + hi) for lo, hi in
+                (self.plan.micro_slice(a, self.rank) for a in range(self.plan.accumulation_steps))]
 
     def eval_batches(self):
         """This rank's contiguous share of the test split; the shares cover it exactly once."""
@@ -175,3 +181,9 @@ class InMemoryImages:
             stop = min(hi, start + self.eval_batch_size)
             x = self._normalize(self.test_x[start:stop])
             yield x, x if self.reconstruct else self.test_y[start:stop]
+
+
+def stream_batch(data: InMemoryImages, seed: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of stream positions [start, stop) of the run with `seed` (InMemoryImages.stream)."""
+    x, y, _ = data.stream(start, stop, seed)
+    return x, y

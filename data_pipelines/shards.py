@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Iterator
 import webdataset as wds
 
 from data_pipelines.formats import CONVERT_SRC
-from harness.errors import DataError
-from harness.rundir import atomic_write_json
+from harness.core.errors import DataError
+from harness.core.io import atomic_write_json
 
 FORMAT = "harness-shards/1"
 MANIFEST = "manifest.json"

@@ -55,10 +55,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines import DataSpec
 from data_pipelines.order import example_keys
 from data_pipelines.shards import check_shard_files, split_entry
-from harness.errors import DataError
+from data_pipelines.spec import DataSpec
+from harness.core.errors import DataError
 
 _SHARD_ORDER_TAG, _BUFFER_TAG, _DRAW_TAG = 0x5EED_0101, 0x5EED_0102, 0x5EED_0103
 _MAX_WARNINGS = 3  # per worker: details of the first few bad samples; the count is logged per epoch
@@ -147,8 +147,9 @@ def _worker_init(_: int) -> None:
 
 def clean_error(e: DataError) -> DataError:
     """A DataError raised in a loader worker arrives wrapped with the worker's traceback: keep its one line."""
-    lines = [ln for ln in str(e).splitlines() if ln.startswith("harness.errors.DataError: ")]
-    return DataError(lines[-1][len("harness.errors.DataError: "):]) if lines else e
+    prefix = f"{DataError.__module__}.DataError: "
+    lines = [ln for ln in str(e).splitlines() if ln.startswith(prefix)]
+    return DataError(lines[-1][len(prefix):]) if lines else e
 
 
 class ShardStream(IterableDataset):

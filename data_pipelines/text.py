@@ -9,7 +9,7 @@ consecutive batches needs the continuation of each stream), and the hidden state
 
 Ordering guarantee: sequence position b of every global batch is stream b; this rank's micro-batch (a, r)
 holds streams `plan.micro_slice(a, r)`, whatever the layout, so a rank owns fixed streams and the state it
-carries for them (harness.objectives.LanguageModel) is exactly the single-process one.
+carries for them (harness.train.objectives.LanguageModel) is exactly the single-process one.
 Dropout keys: one 64-bit key per (seed, step, stream) (order.example_keys with the step in the epoch slot).
 
 Evaluation (Zaremba's): the test split as ONE stream from a zero state, every token predicted from all
@@ -26,10 +26,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data_pipelines import DataSpec
 from data_pipelines.order import example_keys
+from data_pipelines.spec import DataSpec
 from data_pipelines.tokens import load_tokens
-from harness.errors import PlanError
+from harness.core.errors import PlanError
+from harness.recipe.budget import lm_steps_per_epoch
 
 
 class StreamBatch(NamedTuple):
@@ -44,11 +45,6 @@ class StreamBatch(NamedTuple):
     reset: bool
 
 
-def steps_per_epoch(num_tokens: int, streams: int, unroll: int) -> int:
-    """Zaremba's epoch length in steps: (N // B - 1) // T."""
-    return (num_tokens // streams - 1) // unroll
-
-
 class TokenStreams:
     def __init__(self, path, manifest, plan, seed, rank, device, unroll: int, eval_batch_size: int):
         root = Path(path)
@@ -57,7 +53,7 @@ class TokenStreams:
         train = load_tokens(root, manifest, "train")
         self.test = load_tokens(root, manifest, "test").to(device)
         b = plan.global_batch_size
-        self.steps_per_epoch = steps_per_epoch(len(train), b, unroll)
+        self.steps_per_epoch = lm_steps_per_epoch(len(train), b, unroll)
         if self.steps_per_epoch < 1:
             raise PlanError(
                 f"the training split of {root} has {len(train)} tokens: too few for {b} streams x "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_pipelines.shards import iter_samples, split_entry, verify_shards, write_manifest, write_split
-from harness.errors import DataError
+from harness.core.errors import DataError
 
 
 def write_token_dataset(kind: str, dest: Path, splits: dict[str, np.ndarray], vocab: list[str],

@@ -12,7 +12,7 @@ is made absolute (and chosen as `harness train` would if not given) so every nod
 
 Stop requests: SLURM's `--signal=B:USR1@T` reaches only the batch shell, which the sbatch scripts replace with
 this process (`exec`). On SIGUSR1 it writes RUN_DIR/STOP; every rank sees it at the next step boundary
-(harness/signals.py), rank 0 checkpoints and, inside SLURM, requeues the job (`scontrol requeue`). SIGUSR1 is
+(harness/train/signals.py), rank 0 checkpoints and, inside SLURM, requeues the job (`scontrol requeue`). SIGUSR1 is
 not forwarded as a signal: torchrun's agent does not handle it and would die of it. SIGTERM is forwarded to
 the launcher child (torchrun/srun), which passes it on to the workers.
 """
@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError, LaunchError
+from harness.core.errors import HarnessError, LaunchError
 from launch.core import LAUNCHERS, build_commands, local_gpu_count, quote, resolve_layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_args(config: str, rest: list[str]):
     """Parse the pass-through arguments exactly as `harness train` will, and load the config."""
-    from harness.cli import build_parser as harness_parser, default_run_dir
-    from harness.config import load_config
+    from harness.cli import build_parser as harness_parser
+    from harness.train.config import default_run_dir, load_config
 
     try:
         args = harness_parser().parse_args(["train", config, *rest])
@@ -79,12 +79,11 @@ def training_args(config: str, rest: list[str]):
 
 
 def check_plan(cfg, world_size: int) -> str:
-    from harness.plan import make_batch_plan
+    from harness.train.config import plan_of
 
-    plan = make_batch_plan(cfg.batch.global_batch_size, world_size, cfg.batch.micro_batch_size,
-                           cfg.batch.max_micro_batch_size, cfg.model.ghost_group_size())
+    plan = plan_of(cfg, world_size)
     if cfg.backend == "deepspeed":  # a user DeepSpeed JSON that contradicts the plan fails here too
-        from harness.engine import deepspeed_config
+        from harness.train.deepspeed_engine import deepspeed_config
 
         deepspeed_config(plan, cfg.precision, cfg.optim.grad_clip_norm, cfg.deepspeed.config)
     return plan.describe()
@@ -116,7 +115,7 @@ def execute(cmd: list[str], env: dict, stop_file: Path) -> int:
     child = subprocess.Popen(cmd, env=env)
 
     def on_usr1(signum, frame):
-        from harness.rundir import atomic_write_text
+        from harness.core.io import atomic_write_text
 
         job = env.get("SLURM_JOB_ID")
         atomic_write_text(stop_file, f"{STOP_MARKER}{f' (SLURM job {job})' if job else ''}\n")

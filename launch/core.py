@@ -24,7 +24,6 @@ elastic restarts (--max-restarts) as DDP runs.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import socket
@@ -32,7 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from harness.errors import LaunchError
+from harness.core.errors import LaunchError
 
 LAUNCHERS = ("torchrun", "deepspeed")
 # Rendezvous store timeouts (seconds). torchrun's c10d default read_timeout (60 s) fails a node that starts a

@@ -1,67 +1,10 @@
 """Model families of the paper, one file each; `model.name` in the config picks one.
 
 Each family registers a config dataclass (its own keys, validated strictly) and a builder
-`build(cfg, spec) -> nn.Module`, where `spec` describes the data (see `data_pipelines.DataSpec`).
-Models know nothing about parallelism; only `ghost_bn` touches torch.distributed (house style 5).
+`build(cfg, spec) -> nn.Module` (models/registry.py). Models know nothing about parallelism, so one model file
+serves every layout; only `ghost_bn` touches torch.distributed, because a ghost-BN group may span ranks.
 """
-
-from __future__ import annotations
-
-import dataclasses
-from typing import Callable
-
-import torch.nn as nn
-
-_REGISTRY: dict[str, tuple[type, Callable]] = {}
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    name: str
-
-    def ghost_group_size(self) -> int | None:
-        """Examples per ghost-BN group, or None if the model has no batch norm."""
-        return None
-
-    def task(self, data_task: str) -> str:
-        """The objective this model trains for on data of `data_task` (the autoencoder: reconstruction)."""
-        return data_task
-
-    def sequence_length(self) -> int | None:
-        """Tokens per stream per step for a language model (the LSTM's unroll), else None."""
-        return None
-
-    def exclude_norm_and_bias_from_decay(self) -> bool:
-        """True: no weight decay on normalization parameters and biases (harness.optim.param_groups)."""
-        return False
-
-
-def register(config_cls: type):
-    """Decorator for a builder: `@register(WideResNetConfig) def build(cfg, spec): ...`."""
-
-    def wrap(builder: Callable) -> Callable:
-        _REGISTRY[config_cls().name] = (config_cls, builder)
-        return builder
-
-    return wrap
-
-
-def config_class(name: str) -> type | None:
-    entry = _REGISTRY.get(name)
-    return entry[0] if entry else None
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_model(cfg: ModelConfig, spec) -> nn.Module:
-    return _REGISTRY[cfg.name][1](cfg, spec)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 # Importing the families fills the registry.
 from models import autoencoder, lstm, mlp, resnet, wide_resnet  # noqa: E402,F401
+from models.registry import ModelConfig, build_model, config_class, count_parameters, names, register  # noqa: F401

@@ -10,7 +10,7 @@ chosen inputs; biases 0. `sparse_init: 0` keeps torch's default nn.Linear initia
 
 The task is reconstruction (`ModelConfig.task`): inputs and targets are the images scaled to [0, 1];
 the loss is the squared error summed over the 784 pixels, averaged over the batch's images (see
-harness.objectives.Reconstruction). L2 1e-5 is `optim.weight_decay` in the configs.
+harness.train.objectives.Reconstruction). L2 1e-5 is `optim.weight_decay` in the configs.
 Tiny variant for tests: widths [64, 16].
 """
 
@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from harness.configlib import non_negative
-from models import ModelConfig, register
+from harness.core.configlib import non_negative
+from models.registry import ModelConfig, register
 
 
 @dataclass
@@ -36,7 +36,7 @@ class AutoencoderConfig(ModelConfig):
     sparse_init: int = non_negative(15)
 
     def validate(self, path: str) -> None:
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
 
         if not self.widths or any(w <= 0 for w in self.widths):
             raise ConfigError(f"config key {path}.widths: give one or more positive layer widths, got {self.widths}")
@@ -79,7 +79,7 @@ class Autoencoder(nn.Module):
 
 @register(AutoencoderConfig)
 def build(cfg: AutoencoderConfig, spec) -> nn.Module:
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     if len(spec.in_shape) != 3:
         raise ConfigError(f"config key model.name: autoencoder needs images (mnist); data {spec.kind!r} is "

@@ -2,7 +2,7 @@
 
 Training statistics come from fixed groups of G consecutive examples of the global batch, never from
 the micro-batch a rank happens to hold, so the normalization is the same at every layout. The batch
-plan (harness.plan) guarantees one of two cases:
+plan (harness.recipe.batch_plan) guarantees one of two cases:
 
 - m >= G (m a multiple of G): every group lies inside one rank's micro-batch. Each group is one call of
   the native batch-norm kernels on a contiguous slice: identical arithmetic for a group whatever the layout,
@@ -12,7 +12,7 @@ plan (harness.plan) guarantees one of two cases:
   them exactly (Chan et al.'s pairwise formula); backward all-reduces the two per-channel sums the batch-norm
   gradient needs (`_AcrossRanks`, an autograd Function: one collective forward, one backward), so forward
   and backward are those of one G-example batch norm. The process group of a rank's ghost group is made
-  once at start by harness.distributed.ghost_bn_group and handed to the layers by `set_process_group`.
+  once at start by harness.train.distributed.ghost_bn_group and handed to the layers by `set_process_group`.
 
 Running statistics (used for evaluation) are NOT updated in forward. Each forward adds every group's
 mean and unbiased variance to an accumulator (a group spanning ranks is added by its first rank only, so
@@ -20,7 +20,8 @@ every group counts exactly once); `update_running_stats` is called once per opti
 accumulators over all ranks, and moves the running statistics towards the mean over all groups of the
 global batch. Evaluation is then independent of the layout too.
 
-This is the one model file that may use torch.distributed (house style 5).
+This is the one model file that may use torch.distributed: a group may span ranks, and only the layer knows
+which tensors to reduce; every other model stays unaware of parallelism.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def ghost_bn_layers(model: nn.Module) -> list[GhostBatchNorm]:
 
 def set_process_group(model: nn.Module, group) -> None:
     """Give every ghost-BN layer the process group of this rank's ghost group (from
-    harness.distributed.ghost_bn_group), or None when groups are local (m >= G: no communication)."""
+    harness.train.distributed.ghost_bn_group), or None when groups are local (m >= G: no communication)."""
     for layer in ghost_bn_layers(model):
         layer.process_group = group
 

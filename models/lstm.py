@@ -9,7 +9,7 @@ Each LSTM layer has two bias vectors (torch's b_ih and b_hh), exactly like Zarem
 i2h and h2h. Medium (2 x 650, vocab 10,000): 19,780,400 parameters.
 
 Training unrolls `unroll` (35) steps; the hidden state is carried from one batch to the next and reset at
-each epoch (see data_pipelines.text and harness.objectives.LanguageModel). Dropout masks are keyed per
+each epoch (see data_pipelines.text and harness.train.objectives.LanguageModel). Dropout masks are keyed per
 (seed, step, stream) (models.dropout), so training is layout invariant. Tiny variant for tests:
 layers 2, hidden 16, unroll 5.
 """
@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from harness.configlib import positive
-from models import ModelConfig, register
+from harness.core.configlib import positive
 from models.dropout import KeyedDropout
+from models.registry import ModelConfig, register
 
 
 @dataclass
@@ -40,7 +40,7 @@ class LSTMConfig(ModelConfig):
     init_range: float = positive(0.05)
 
     def validate(self, path: str) -> None:
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
 
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"config key {path}.dropout: a probability in [0, 1), got {self.dropout}")
@@ -73,7 +73,7 @@ class LSTMLanguageModel(nn.Module):
 
 @register(LSTMConfig)
 def build(cfg: LSTMConfig, spec) -> nn.Module:
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     if spec.task != "language_model" or spec.vocab_size < 1:
         raise ConfigError(f"config key model.name: lstm needs token-stream data (data.name: ptb); "

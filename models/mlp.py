@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import math
 import torch.nn as nn
 
-from models import ModelConfig, register
+from models.registry import ModelConfig, register
 
 
 @dataclass
@@ -17,7 +17,7 @@ class MLPConfig(ModelConfig):
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
     def validate(self, path: str) -> None:
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
 
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(f"config key {path}.hidden: give one or more positive layer widths, got {self.hidden}")

@@ -8,7 +8,7 @@ torchvision's ResNet and its BasicBlock/Bottleneck, reused as they are, with two
 Initialisation as Goyal et al. describe it: He (fan-out) convolutions as torchvision, BN gamma 1 / beta 0,
 the last BN gamma of each residual block 0 when `zero_init_residual` (every block starts as the identity),
 and the final 1000-way linear layer drawn from N(0, 0.01^2), zero bias (torchvision keeps nn.Linear's default).
-`no_bn_bias_decay`: no weight decay on BN parameters and biases (harness.optim.param_groups), an option
+`no_bn_bias_decay`: no weight decay on BN parameters and biases (harness.recipe.optim.param_groups), an option
 Goyal et al. do not use but later large-batch ImageNet recipes do; off by default.
 
 Tiny variant for tests: depth 18, width 8 (BasicBlocks; 32x32 images work: the stages end at 1x1).
@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch.nn as nn
 
-from harness.configlib import positive
-from models import ModelConfig, register
+from harness.core.configlib import positive
 from models.ghost_bn import GhostBatchNorm2d
+from models.registry import ModelConfig, register
 from models.wide_resnet import check_image_classes
 
 # depth -> (torchvision block class, blocks per stage), He et al. 2016 table 1 (resnet18 ... resnet152).
@@ -51,7 +51,7 @@ class ResNetConfig(ModelConfig):
     no_bn_bias_decay: bool = False
 
     def validate(self, path: str) -> None:
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
 
         if self.depth not in DEPTHS:
             raise ConfigError(f"config key {path}.depth: one of {', '.join(map(str, DEPTHS))}, got {self.depth}")

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.configlib import positive
-from models import ModelConfig, register
+from harness.core.configlib import positive
 from models.dropout import KeyedDropout
 from models.ghost_bn import GhostBatchNorm2d
+from models.registry import ModelConfig, register
 
 # Dropout before the classifier when norm is skipinit and `dropout` is left unset. 0.6 is the rate we
 # recall from De & Smith's Regularized SkipInit (their ImageNet ResNet-50); Smith et al. 2020 do not
@@ -52,7 +52,7 @@ class WideResNetConfig(ModelConfig):
     dropout: Optional[float] = None
 
     def validate(self, path: str) -> None:
-        from harness.errors import ConfigError
+        from harness.core.errors import ConfigError
 
         if (self.depth - 4) % 6:
             raise ConfigError(f"config key {path}.depth: a Wide-ResNet has depth 6n+4 (10, 16, 22, 28, ...), got {self.depth}")
@@ -122,7 +122,7 @@ class WideResNet(nn.Module):
 
 
 def check_image_classes(model: str, spec) -> None:
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     if len(spec.in_shape) != 3 or spec.num_classes < 1:
         raise ConfigError(f"config key model.name: {model} needs labelled images (cifar10, cifar100, mnist, "

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_ghost_bn.py: the cross-rank ghost-BN layer against one plain batch norm.
 
 Every rank holds a consecutive slice of the same 64 examples (fp64). The ghost-BN layer normalizes its
-slice with statistics shared over the ghost group's ranks (harness.distributed.ghost_bn_group); rank 0
+slice with statistics shared over the ghost group's ranks (harness.train.distributed.ghost_bn_group); rank 0
 compares the gathered outputs, input gradients, summed gamma/beta gradients and the running statistics
 with nn.BatchNorm over all 64 examples in one process, and writes the maximum differences as JSON.
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import distributed  # noqa: E402
+from harness.train import distributed  # noqa: E402
 from models.ghost_bn import GhostBatchNorm, set_process_group, update_running_stats  # noqa: E402
 
 G = 64

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from data_pipelines import ReaderOptions, build_data
-from harness import distributed
-from harness.plan import make_batch_plan
+from harness.recipe.batch_plan import make_batch_plan
+from harness.train import distributed
 
 
 def main(shards: str, out: str, workers: int, resampled: bool, epochs: float) -> None:

@@ -5,10 +5,10 @@ import io
 import json
 
 import pytest
-import yaml
 
+import yaml
 from harness import analysis
-from harness.errors import SweepError
+from harness.core.errors import SweepError
 from tests.conftest import run_harness
 
 
@@ -189,7 +189,7 @@ def test_cli_analyze_writes_tables_and_figures_and_prints_the_paper_beside(tmp_p
 
 
 def test_epoch_budget_sweep_draws_the_epoch_figures(tmp_path):
-    from harness.figures import write_figures
+    from harness.analysis.figures import write_figures
 
     for e in (50, 100, 200):
         for lr0 in (0.5, 1.0):

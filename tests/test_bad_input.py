@@ -13,10 +13,10 @@ import dataclasses
 import typing
 
 import pytest
-import yaml
 
-from harness.config import Config, from_dict
-from harness.configlib import to_dict
+import yaml
+from harness.core.configlib import to_dict
+from harness.train.config import Config, from_dict
 from tests.conftest import run_harness
 
 SECTIONS = ["model", "data", "batch", "optim", "schedule", "budget", "log", "eval", "checkpoint", "divergence"]

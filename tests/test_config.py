@@ -2,9 +2,9 @@
 
 import pytest
 
-from harness import configlib
-from harness.config import Config, config_hash, from_dict, load_config, to_yaml
-from harness.errors import ConfigError
+from harness.core import configlib
+from harness.core.errors import ConfigError
+from harness.train.config import Config, config_hash, from_dict, load_config, to_yaml
 from tests.conftest import run_harness, write_config
 
 BASE = {"data": {"name": "cifar10", "path": "/data/c10"}, "budget": {"steps": 10}}

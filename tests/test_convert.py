@@ -10,12 +10,12 @@ import tarfile
 import numpy as np
 import pytest
 
+from data_pipelines.cli import cmd_data_verify
 from data_pipelines.convert import convert
 from data_pipelines.memory import load_split
 from data_pipelines.shards import PARTIAL, read_manifest
 from data_pipelines.tokens import load_tokens
-from harness.cli import cmd_data_verify
-from harness.errors import DataError
+from harness.core.errors import DataError
 from tests import fakes
 from tests.conftest import run_harness
 
@@ -69,7 +69,7 @@ def test_rerun_keeps_verified_shards_and_rewrites_bad_ones(tmp_path):
 
 
 def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
-    import data_pipelines.convert as conv
+    import data_pipelines.writer as conv
 
     src = tmp_path / "cifar-10-python.tar.gz"
     fakes.cifar_tarball(src)

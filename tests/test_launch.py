@@ -17,8 +17,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import yaml
 
+import yaml
 from tests.conftest import ROOT, final_state, harness_env, max_abs_diff, write_config
 from tests.slurm_cluster import free_ports
 

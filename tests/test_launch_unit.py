@@ -7,12 +7,11 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError, LaunchError
-from harness.plan import make_batch_plan
+from harness.core.errors import ConfigError, LaunchError
+from harness.recipe.batch_plan import make_batch_plan
 from launch.core import build_commands, gpus_from_slurm, head_node, node_address, resolve_layout, slurm_port
 from tests.conftest import ROOT, harness_env
 
@@ -162,7 +161,7 @@ PLAN = make_batch_plan(256, 2, 64, None, 64)  # A = 2
 
 
 def test_deepspeed_config_from_the_batch_plan():
-    from harness.engine import deepspeed_config
+    from harness.train.deepspeed_engine import deepspeed_config
 
     ds = deepspeed_config(PLAN, "fp32", None)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 64, 2)
@@ -174,7 +173,7 @@ def test_deepspeed_config_from_the_batch_plan():
 
 
 def test_deepspeed_user_json_may_add_but_not_contradict(tmp_path):
-    from harness.engine import deepspeed_config
+    from harness.train.deepspeed_engine import deepspeed_config
 
     def user(obj):
         path = tmp_path / f"ds{len(list(tmp_path.iterdir()))}.json"
@@ -199,7 +198,7 @@ def test_deepspeed_user_json_may_add_but_not_contradict(tmp_path):
 
 
 def test_config_refuses_fp64_with_deepspeed_and_a_missing_json(tmp_path):
-    from harness.config import load_config
+    from harness.train.config import load_config
 
     with pytest.raises(ConfigError, match="fp64 does not work with backend: deepspeed"):
         load_config(None, ["backend=deepspeed", "precision=fp64", "data.path=x", "budget.steps=1"])

@@ -10,9 +10,9 @@ import torch
 
 import models
 from data_pipelines import KNOWN
-from harness.config import from_dict
-from harness.errors import ConfigError
-from harness.optim import param_groups
+from harness.core.errors import ConfigError
+from harness.recipe.optim import param_groups
+from harness.train.config import from_dict
 from tests.conftest import final_state, max_abs_diff, run_harness, write_config
 
 

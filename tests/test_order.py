@@ -6,7 +6,7 @@ import torch
 
 from data_pipelines import build_data
 from data_pipelines.order import ExampleOrder, example_keys
-from harness.plan import make_batch_plan
+from harness.recipe.batch_plan import make_batch_plan
 
 
 def source(path, b, w, m, rank, seed=3):

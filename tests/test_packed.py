@@ -1,4 +1,4 @@
-"""Packed runs (harness/packed.py) give the same run directories and results as `harness train`, in fp64."""
+"""Packed runs (harness/train/packed.py) give the same run directories and results as `harness train`, in fp64."""
 
 import json
 import math
@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from harness.config import from_dict
-from harness.packed import pack_key, stream_batch, train_pack
-from harness.plan import make_batch_plan
-from harness.trainer import train
+from data_pipelines.memory import stream_batch
+from harness.recipe.batch_plan import make_batch_plan
+from harness.train.config import from_dict
+from harness.train.packed import pack_key, train_pack
+from harness.train.trainer import train
 from tests.conftest import final_state, max_abs_diff, run_harness, write_config
 
 
@@ -35,7 +36,7 @@ def test_stream_batches_equal_the_readers_micro_batches(digits_shards):
 
 
 def test_pack_key_groups_runs_that_differ_only_in_lr_seed_optimizer(digits_shards):
-    from harness.configlib import to_dict
+    from harness.core.configlib import to_dict
 
     a = to_dict(from_dict(config(digits_shards, "sgd", 0.5, 0)))
     b = to_dict(from_dict(config(digits_shards, "momentum", 2.0, 3)))

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from harness.errors import PlanError
-from harness.plan import make_batch_plan, to_steps, valid_layouts
+from harness.core.errors import PlanError
+from harness.recipe.batch_plan import make_batch_plan, valid_layouts
+from harness.recipe.budget import to_steps
 from tests.conftest import run_harness, write_config
 
 

@@ -9,8 +9,8 @@ import torch
 from data_pipelines import ReaderOptions, build_data
 from data_pipelines.augment import PaddedImages, crop_flip, crop_flip_params
 from data_pipelines.shards import write_manifest, write_split
-from harness.errors import DataError
-from harness.plan import make_batch_plan
+from harness.core.errors import DataError
+from harness.recipe.batch_plan import make_batch_plan
 
 CPU = torch.device("cpu")
 
@@ -212,8 +212,8 @@ def test_gpu_decode_matches_cpu_decode(imagenet_shards):
 
 
 def test_reader_config_keys_are_strict():
-    from harness.config import load_config
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
+    from harness.train.config import load_config
 
     cfg = load_config(None, ["data.path=x", "budget.steps=1", "data.workers=0", "data.resampled=false", "data.image_size=32",
                              "data.eval_resize=36"])

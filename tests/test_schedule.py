@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.optim import build_optimizer, set_lr, torch_lr
-from harness.schedule import decay_factor, lr_at, num_drops
+from harness.recipe.optim import build_optimizer, set_lr, torch_lr
+from harness.recipe.schedule import decay_factor, lr_at, num_drops
 
 
 def test_worked_example_from_the_protocol():

@@ -52,8 +52,8 @@ def test_dry_run_shows_the_array_and_its_throttle(tmp_path, digits_shards):
 
 
 def test_runs_of_several_processes_get_nodes_and_go_through_the_launch_entry(tmp_path, digits_shards):
-    from harness.executor import launch_settings, sbatch_command
-    from harness.sweep import load_spec
+    from harness.sweep.slurm import launch_settings, sbatch_command
+    from harness.sweep.spec import load_spec
 
     path = spec(tmp_path, digits_shards, "slurm: {nodes: 2, gpus_per_node: 4, runs_per_task: 3}")
     out = run_harness("sweep", path, "--executor", "slurm", "--dry-run", "--sweep-dir", tmp_path / "sw").stdout
@@ -75,8 +75,10 @@ def test_a_launched_run_gets_the_tasks_sigusr1_checkpoints_and_resumes(tmp_path,
     """Outside SLURM, a task whose runs go through `python -m launch` (torchrun, 2 processes): SIGUSR1 to the
     task reaches the run (RUN_DIR/STOP), which checkpoints; the task ends with it interrupted (not failed), so
     the next submission resumes it from that checkpoint (the resume itself: tests/test_slurm.py)."""
-    from harness.executor import plan_tasks, prepare, write_task_file
-    from harness.sweep import load_spec
+    from harness.sweep.slurm import write_task_file
+    from harness.sweep.spec import load_spec
+    from harness.sweep.state import prepare
+    from harness.sweep.tasks import group_tasks as plan_tasks
 
     path = write_config(tmp_path / "long.yaml", f"""
 name: long
@@ -119,8 +121,10 @@ def test_without_sbatch_the_slurm_executor_says_so(tmp_path, digits_shards):
 
 @pytest.mark.slow
 def test_array_script_runs_its_tasks_as_slurm_would(tmp_path, digits_shards):
-    from harness.executor import plan_tasks, prepare, write_task_file
-    from harness.sweep import load_spec
+    from harness.sweep.slurm import write_task_file
+    from harness.sweep.spec import load_spec
+    from harness.sweep.state import prepare
+    from harness.sweep.tasks import group_tasks as plan_tasks
 
     sweep_dir = tmp_path / "sw"
     entries = prepare(load_spec(spec(tmp_path, digits_shards)), sweep_dir)

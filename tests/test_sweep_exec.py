@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.locks import RunLocks
+from harness.sweep.locks import RunLocks
 from tests.conftest import ROOT, harness_env, run_harness, write_config
 
 
@@ -81,7 +81,7 @@ def test_stale_locks_are_broken(tmp_path):
 def test_a_holder_killed_while_writing_its_lock_leaves_no_lock(tmp_path):
     # The lock's content is written to a private file and linked into place: a kill mid-write leaves no empty
     # lock (which, judged by its age only, would block the run for STALE_AFTER_SECONDS).
-    script = ("import sys, time, harness.locks as L\n"
+    script = ("import sys, time, harness.sweep.locks as L\n"
               "def hang(fd): print('writing', flush=True); time.sleep(600)\n"
               "L.os.fsync = hang\n"
               f"L.RunLocks({str(tmp_path)!r}).acquire('r')\n")

@@ -5,8 +5,11 @@ import math
 import pytest
 
 import models
-from harness.errors import ConfigError
-from harness.sweep import budget_rule_of, load_spec, run_id, run_steps
+from harness.core.errors import ConfigError
+from harness.core.keys import run_id
+from harness.recipe.budget import budget_rule_of
+from harness.sweep.cost import run_steps
+from harness.sweep.spec import load_spec
 from models.wide_resnet import WideResNetConfig
 from tests.conftest import ROOT, run_harness, write_config
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import yaml
 
+import yaml
 from tests.conftest import final_state, run_harness, write_config
 
 

@@ -1,0 +1,64 @@
+"""`data:` of a run config (beside the readers it configures) and the reader options it hands them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, Optional
+
+from harness.core.configlib import non_negative, positive
+from harness.core.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "ptb", "imagenet")
+
+
+@dataclass
+class DataConfig:
+    name: Literal[DATASETS] = "digits"
+    # Directory holding manifest.json and the shards (made by `harness data convert` or `harness data synth`).
+    path: Optional[str] = None
+    # The dataset's standard random augmentation (CIFAR: pad 4, crop, flip; digits: +-1 pixel shift).
+    augment: bool = True
+    eval_batch_size: int = positive(1000)
+    # Streaming reader (ImageNet; see data_pipelines/stream.py). Loader worker processes per rank (0: in the
+    # training process); the stream's order depends on it, like on the world size and micro-batch.
+    workers: int = non_negative(4)
+    # Samples each worker shuffles among (raw JPEG bytes, ~110 kB each on ImageNet).
+    shuffle_buffer: int = positive(2000)
+    # true: each worker draws whole shards with replacement (webdataset's `resampled`); false: each epoch is a
+    # permutation of the shards cut into equal parts, so no example repeats within an epoch.
+    resampled: bool = True
+    # Train crop (RandomResizedCrop) and evaluation resize -> center crop, in pixels (Goyal et al.: 224, 256).
+    image_size: int = positive(224)
+    eval_resize: int = positive(256)
+    # Decode JPEGs on the GPU (torchvision.io.decode_jpeg, nvjpeg) instead of in the loader workers.
+    gpu_decode: bool = False
+    # Leave out unreadable samples and labels out of range (counted and logged) instead of stopping with an error.
+    skip_bad_samples: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.eval_resize < self.image_size:
+            raise ConfigError(f"config key {path}.eval_resize ({self.eval_resize}) must be >= {path}.image_size "
+                              f"({self.image_size}): evaluation resizes, then center-crops image_size")
+        if self.path is None:
+            raise ConfigError(
+                f"config key {path}.path is not set; point it at a shard directory made by "
+                f"`harness data convert {self.name} SRC DIR` (or `harness data synth cifar10 DIR` for tests)"
+            )
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """The reader settings of `data:` beyond name/path/augment/eval_batch_size (defaults: DataConfig)."""
+
+    workers: int
+    shuffle_buffer: int
+    resampled: bool
+    image_size: int
+    eval_resize: int
+    gpu_decode: bool
+    skip_bad_samples: bool
+
+    @classmethod
+    def of(cls, data_config: DataConfig | None = None) -> "ReaderOptions":
+        data_config = data_config or DataConfig(path="")
+        return cls(**{f.name: getattr(data_config, f.name) for f in fields(cls)})

@@ -1,0 +1,43 @@
+"""The effective learning rate, converted to torch's rate in one place, and the optimizer it drives.
+
+Heavy-ball momentum (sec. 3.1): v <- m v + g; w <- w - lr v, which is torch.optim.SGD with dampening 0
+and no Nesterov. eps_eff = lr / (1 - m) (sec. 3.3); plain SGD has m = 0 so eps_eff = lr.
+L2 regularization is applied as weight decay (SGD adds wd * w to the gradient, the same thing).
+"""
+
+from __future__ import annotations
+
+
+def momentum_of(name: str, momentum: float) -> float:
+    return momentum if name == "momentum" else 0.0
+
+
+def torch_lr(effective_lr: float, momentum: float) -> float:
+    """torch's lr for an effective rate: lr = eps_eff (1 - m)."""
+    return effective_lr * (1.0 - momentum)
+
+
+def build_optimizer(params, name: str, momentum: float, weight_decay: float):
+    """torch.optim.SGD with the paper's momentum convention (torch is imported here, not with the module)."""
+    import torch
+
+    # The rate is set by the schedule before every step; 0.0 here is a placeholder.
+    return torch.optim.SGD(
+        params, lr=0.0, momentum=momentum_of(name, momentum), dampening=0.0, nesterov=False, weight_decay=weight_decay
+    )
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def param_groups(model, exclude_norm_and_bias: bool) -> list[dict]:
+    """The optimizer's parameter groups. With `exclude_norm_and_bias`, every parameter with at most one
+    dimension (normalization gammas and betas, biases) gets weight_decay 0: the "no BN/bias decay" option of
+    the ResNet-50 recipe. Otherwise one group: weight decay on everything, as the paper's L2 (sec. 4)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_norm_and_bias:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]

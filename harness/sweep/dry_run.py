@@ -1,0 +1,74 @@
+"""`harness sweep --dry-run`: the runs, the grid, the budget rule, steps and examples per batch size, the GPU-hours
+and the tasks an executor would run; nothing runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harness.recipe.budget import budget_rule_of
+from harness.sweep.cost import data_source, run_steps
+from harness.sweep.state import entry, state_dir, status
+from harness.sweep.tasks import group_tasks
+
+
+def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bool, throughput) -> str:
+    runs = sweep.runs
+    lines = [f"sweep {sweep.name}" + (f" ({sweep.spec_path})" if sweep.spec_path else "") + f": {len(runs)} runs"
+             + (f" ({sweep.dropped} grid points dropped by constraints)" if sweep.dropped else "")
+             + (f" ({sweep.duplicates} duplicate grid points)" if sweep.duplicates else "")]
+    if sweep.spec.description:
+        lines.append(f"  {sweep.spec.description.strip()}")
+    lines.append("grid:")
+    for i, block in enumerate(sweep.blocks):
+        if len(sweep.blocks) > 1:
+            lines.append(f"  block {i + 1}:")
+        for axis in block:
+            lines.append(f"  {'  ' if len(sweep.blocks) > 1 else ''}{axis.key}: {axis.describe()}")
+    rule = budget_rule_of(runs)
+    lines.append(f"budget rule: {rule}" + (" (declared)" if sweep.spec.budget_rule else " (inferred)"))
+    sel = sweep.spec.select
+    lines.append(f"selection: best {sel.k} of {sel.n} runs per (optimizer, batch size, lr)")
+    lines.append(f"data: {runs[0].config['data']['name']}: {data_source(runs[0].config)}")
+    per: dict = {}
+    total_steps = total_examples = 0
+    for r in runs:
+        steps, epochs = run_steps(r.config)
+        b = r.config["batch"]["global_batch_size"]
+        row = per.setdefault((b, steps), [0, epochs])
+        row[0] += 1
+        total_steps += steps
+        total_examples += steps * b
+    lines.append(f"  {'B':>7} {'runs':>6} {'steps/run':>10} {'epochs/run':>10} {'examples':>14}")
+    for (b, steps), (count, epochs) in sorted(per.items()):
+        lines.append(f"  {b:>7} {count:>6} {steps:>10} {epochs:>10.4g} {count * steps * b:>14,}")
+    lines.append(f"total: {len(runs)} runs, {total_steps:,} optimizer steps, {total_examples:,} training examples")
+    if throughput:
+        lines.append(f"cost: {total_examples / throughput / 3600:,.1f} GPU-hours at {throughput:g} examples/s per GPU "
+                     "(training only; evaluation not counted)")
+    else:
+        lines.append("cost: pass --throughput EXAMPLES_PER_S (one GPU's training throughput) for GPU-hours")
+    unchecked = [r for r in runs if not r.model_checked]
+    if unchecked:
+        lines.append(f"warning: model keys not checked, this build cannot load them: {unchecked[0].model_note}")
+    if (state_dir(sweep_dir) / "runs.json").exists() and not unchecked:
+        entries = [entry(r, sweep.axis_keys) for r in runs]
+        st = status(entries, sweep_dir)
+        todo = st.missing
+        lines.append(f"sweep dir {sweep_dir}: {len(st.finished)} finished, {len(st.running)} running, {len(todo)} to run")
+    else:
+        todo = [{"config": r.config} for r in runs] if not unchecked else []
+        lines.append(f"sweep dir {sweep_dir}: not started")
+    if todo:
+        if executor == "slurm":
+            slurm = sweep.spec.slurm
+            tasks = group_tasks(todo, pack and not slurm.launched, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
+            lines.append(f"executor slurm: {len(tasks)} array tasks, at most {max_parallel or 16} at once "
+                         f"(sbatch --array=0-{len(tasks) - 1}%{max_parallel or 16} slurm/sweep_array.sh ...); "
+                         f"{slurm.describe()}")
+        else:
+            tasks = group_tasks(todo, pack, sweep.spec.executor.max_pack_runs, 1)
+            packs = sum(len(t) > 1 for t in tasks)
+            lines.append(f"executor local: {len(tasks)} tasks ({packs} packs of up to {sweep.spec.executor.max_pack_runs} runs) "
+                         f"on {max_parallel or os.cpu_count()} workers")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The metrics log of a run: metrics.jsonl (one JSON object per record) and the same scalars as TensorBoard
+events under tb/, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.core.io import atomic_write_text
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per record) and TensorBoard events under tb/; rank 0 only.
+
+    On resume from step s, records after s (logged before the interruption) are dropped from
+    metrics.jsonl and purged from TensorBoard, so both read as one uninterrupted run.
+    """
+
+    # metrics key -> TensorBoard tag
+    TAGS = {
+        "train_loss": "train/loss", "train_accuracy": "train/accuracy", "lr": "train/lr",
+        "effective_lr": "train/effective_lr", "temperature": "train/temperature",
+        "examples_per_second": "train/examples_per_second", "grad_norm": "train/grad_norm",
+        "param_norm": "train/param_norm", "update_norm": "train/update_norm",
+    }
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        elif not resume_step:
+            self.path.unlink(missing_ok=True)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key == "step" or not isinstance(value, (int, float)):
+                    continue
+                tag = self.TAGS.get(key) or (f"test/{key[5:]}" if key.startswith("test_") else key)
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

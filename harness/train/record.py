@@ -1,0 +1,113 @@
+"""What a run records, defined once for the trainer and for packed runs (harness/train/packed.py), so that a
+change to what a run records is made in one place:
+
+- `progress_record`: the metrics.jsonl / TensorBoard record of a logged training step;
+- the final training loss: the mean train-mode loss over the last floor(S/20) steps (recipe.budget's window);
+- `diverged`: the divergence rule (a non-finite loss, or one above divergence.max_loss);
+- `result_record`: result.json, and `write_final` / `write_result` that put a finished run on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.core.io import atomic_save_torch, atomic_write_json, read_json
+from harness.core.status import FINISHED, is_finished
+from harness.recipe.budget import Durations
+from harness.train.config import Config, check_resumable, to_yaml
+from harness.train.provenance import slurm_info
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must carry besides model and optimizer."""
+
+    step: int = 0
+    train_seconds: float = 0.0  # time inside train steps, for examples/s
+    wall_seconds: float = 0.0  # wall time of earlier segments of this run
+    tail_loss_sum: float = 0.0  # training loss summed over the final window of steps
+    tail_steps: int = 0
+    segments: list = field(default_factory=list)  # layout of each segment (resumes)
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.tail_loss_sum / self.tail_steps if self.tail_steps else None
+
+
+def segment(world_size: int, from_step: int) -> dict:
+    """One start of a run: its world size, its first step and, inside SLURM, the job."""
+    return {"world_size": world_size, "from_step": from_step, **slurm_info()}
+
+
+def finished_result(run_dir: Path, cfg: Config) -> dict | None:
+    """The result of a run directory that already holds this run, finished; else None (nothing, or to resume).
+    A run directory of another run (a different science config) is refused."""
+    check_resumable(run_dir, cfg)
+    path = Path(run_dir) / "result.json"
+    result = read_json(path) if path.exists() else None
+    return result if is_finished(result) else None
+
+
+def diverged(loss, max_loss: float | None):
+    """The divergence rule, on a float or elementwise on a tensor of losses: non-finite, or above max_loss."""
+    import torch
+
+    loss = torch.as_tensor(loss)
+    bad = ~torch.isfinite(loss)
+    return bad | (loss > max_loss) if max_loss is not None else bad
+
+
+def progress_record(step: int, durations: Durations, train_stats: dict, lr: float, effective_lr: float,
+                    global_batch_size: int, examples_per_second: float, norms: dict) -> dict:
+    """The record of a logged training step: metrics.jsonl and TensorBoard's train/... scalars."""
+    return {"step": step, "epoch": step / durations.steps_per_epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+            "lr": lr, "effective_lr": effective_lr, "temperature": effective_lr / global_batch_size,
+            "examples_per_second": examples_per_second, **norms}
+
+
+def result_record(status: str, steps: int, durations: Durations, train_loss: float | None, objective, metrics: dict,
+                  diverged_at: int | None, examples_per_second: float, wall_seconds: float, parameters: int, plan,
+                  segments: list, **extra) -> dict:
+    """result.json: status, steps, the final training loss, the test metric (named by `test_metric`), throughput,
+    layout and segments; `extra` adds keys (packed runs: `packed_runs`)."""
+    return {
+        "status": status,
+        "steps": steps,
+        "total_steps": durations.total_steps,
+        "epochs": steps / durations.steps_per_epoch,
+        "train_loss": train_loss,
+        **objective.train_summary(train_loss),
+        "test_metric": objective.metric,
+        "higher_is_better": objective.higher_is_better,
+        objective.metric: metrics.get(objective.metric),
+        **{k: v for k, v in metrics.items() if k != objective.metric},
+        "diverged_at_step": diverged_at,
+        "examples_per_second": examples_per_second,
+        "wall_seconds": wall_seconds,
+        "parameters": parameters,
+        "layout": plan.as_dict(),
+        "segments": segments,
+        **extra,
+    }
+
+
+def write_final(run_dir: Path, model_state: dict, step: int, cfg: Config) -> None:
+    """checkpoints/final.pt: the final weights (with batch-norm statistics) and the config that made them."""
+    atomic_save_torch(Path(run_dir) / "checkpoints" / "final.pt", {"model": model_state, "step": step, "config": to_yaml(cfg)})
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    """result.json, the last file a finished run writes: its presence (completed / diverged) ends the run."""
+    assert result["status"] in FINISHED, result["status"]
+    atomic_write_json(Path(run_dir) / "result.json", result)
+
+
+def summary(result: dict) -> str:
+    """One line for the log: status, steps, test metric, final training loss, throughput."""
+    metric = result["test_metric"]
+    value = f"{metric} {result[metric]:.4g}" if result.get(metric) is not None else result["status"]
+    loss = result["train_loss"]
+    return (f"done: {result['status']} after {result['steps']} steps; {value}; final train loss "
+            f"{loss if loss is None else round(loss, 5)}; {result['examples_per_second']:.0f} examples/s")
+

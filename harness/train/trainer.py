@@ -1,0 +1,265 @@
+"""One training run: minibatch SGD on the mean loss of each global batch (eq. 1), with the paper's
+schedule, from a resolved config, into a self-describing run directory.
+
+    run_dir/config.yaml        resolved config (the science; layout keys may change on resume)
+    run_dir/env.json           code version, library versions, host, layout of the latest segment
+    run_dir/metrics.jsonl      one JSON record per logged step and per evaluation
+    run_dir/tb/                TensorBoard events
+    run_dir/checkpoints/       step-XXXXXXXX.pt (last K, for resuming) and final.pt
+    run_dir/result.json        status, steps, final train loss, test metric, throughput, layout
+
+`train` reads as the algorithm: `prepare` builds the run (plan, data, model, engine, checkpoint), `loop` takes
+the optimizer steps, `finish` evaluates and writes the result. What a run records is defined in record.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import models
+from data_pipelines import ReaderOptions, build_data
+from harness.core.io import atomic_write_json, atomic_write_text
+from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
+from harness.recipe.batch_plan import BatchPlan
+from harness.recipe.budget import Durations
+from harness.recipe.optim import build_optimizer, momentum_of, param_groups, torch_lr
+from harness.recipe.schedule import Schedule
+from harness.train import distributed, objectives, provenance, record
+from harness.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from harness.train.config import Config, durations_of, plan_of, to_yaml
+from harness.train.engine import DDPEngine, EngineBase
+from harness.train.metrics_log import MetricsLog
+from harness.train.record import TrainState
+from harness.train.signals import StopRequest, requeue_slurm_job
+from models import ghost_bn
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}  # bf16: fp32 weights, autocast
+
+
+def say(env, text: str) -> None:
+    if env.is_main:
+        tqdm.write(f"harness: {text}")
+
+
+@dataclass
+class Run:
+    """What one run's loop uses, built once by `prepare`."""
+
+    cfg: Config
+    run_dir: Path
+    env: distributed.DistEnv
+    plan: BatchPlan
+    data: object  # a reader (data_pipelines.build_data)
+    durations: Durations
+    engine: EngineBase  # DDPEngine or DeepSpeedEngine
+    objective: objectives.Objective
+    schedule: Schedule
+    momentum: float
+    parameters: int
+    checkpoints: Checkpointer
+    state: TrainState
+    started: float
+
+
+def train(cfg: Config, run_dir: str | Path) -> dict:
+    """Train (or resume, or skip if finished) one run; return its result record."""
+    started = time.time()
+    env = distributed.setup(cfg.device)
+    try:
+        done = record.finished_result(Path(run_dir), cfg)
+        if done is not None:
+            say(env, f"{run_dir} is already finished (status {done['status']}); nothing to do")
+            return done
+        run = prepare(cfg, Path(run_dir), env, started)
+        announce(run)
+        log = MetricsLog(run.run_dir, env.is_main, cfg.log.tensorboard, resume_step=run.state.step)
+        status, diverged_at = loop(run, log)
+        result = finish(run, log, status, diverged_at)
+        log.close()
+        return result
+    finally:
+        distributed.teardown()
+
+
+def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
+    """Everything that can be wrong with the config, layout or data fails here, before the run dir exists."""
+    dtype = DTYPES[cfg.precision]
+    plan = plan_of(cfg, env.world_size)
+    data = build_data(cfg.data.name, cfg.data.path, cfg.data.augment, cfg.data.eval_batch_size,
+                      plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data), cfg.model.task,
+                      cfg.model.sequence_length())
+    durations = durations_of(cfg, data.spec)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and at every layout
+    model = models.build_model(cfg.model, data.spec).to(env.device, dtype)
+    # Ghost-BN groups that span ranks (m < G) normalize through their ranks' process group.
+    ghost_bn.set_process_group(model, distributed.ghost_bn_group(plan.ranks_per_ghost_group))
+    m = momentum_of(cfg.optim.name, cfg.optim.momentum)
+    optimizer = build_optimizer(param_groups(model, cfg.model.exclude_norm_and_bias_from_decay()), cfg.optim.name, m,
+                                cfg.optim.weight_decay)
+    engine = build_engine(cfg.backend, model, optimizer, env, cfg.precision, cfg.optim.grad_clip_norm, plan=plan,
+                          deepspeed_config_path=cfg.deepspeed.config)
+    objective = objectives.for_task(data.spec.task)
+    schedule = Schedule.of(cfg.optim.effective_lr, cfg.schedule.decay_factor, cfg.schedule.final_lr, durations.total_steps,
+                           cfg.schedule.warmup_steps)
+    run = Run(cfg, run_dir, env, plan, data, durations, engine, objective, schedule, m, models.count_parameters(model),
+              Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main), TrainState(), started)
+    resume(run)
+    run.state.segments.append(record.segment(env.world_size, run.state.step))
+    if env.is_main:
+        atomic_write_json(run_dir / "env.json", provenance.environment(env, plan))
+    return run
+
+
+def build_engine(backend: str, model, optimizer, env, precision: str, grad_clip_norm: float | None, plan: BatchPlan,
+                 deepspeed_config_path: str | None = None) -> EngineBase:
+    """The engine that turns micro-batches into optimizer steps: DDP (or one plain process), or DeepSpeed."""
+    if backend == "deepspeed":
+        from harness.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, optimizer, plan, env.device, precision, grad_clip_norm, deepspeed_config_path)
+    return DDPEngine(model, optimizer, env.world_size, env.device, precision, grad_clip_norm)
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest readable checkpoint, if there is one."""
+    loaded = run.checkpoints.load_latest(run.env.device)
+    if loaded is None:
+        return
+    payload, path = loaded
+    run.engine.load_state_dict(payload)
+    run.objective.load_state_dict(payload.get("objective", {}))
+    set_rng_state(payload["rng"])
+    run.state = TrainState(**payload["state"])
+    say(run.env, f"resumed from {path} (step {run.state.step} of {run.durations.total_steps})")
+
+
+def announce(run: Run) -> None:
+    """The derived quantities, as arithmetic, at start-up."""
+    env, cfg, plan, durations, s = run.env, run.cfg, run.plan, run.durations, run.schedule
+    say(env, f"run dir {run.run_dir}")
+    seg = run.state.segments[-1]
+    if "job_id" in seg:
+        say(env, f"SLURM job {seg['job_id']}, SLURM_RESTART_COUNT={seg.get('restart_count', 0)}")
+    say(env, f"plan {plan.describe()}")
+    say(env, f"model {cfg.model.name}: {run.parameters:,} parameters; data {run.data.spec.kind}: "
+             f"{run.data.spec.num_train} train / {run.data.spec.num_test} test examples")
+    say(env, f"budget {durations.total_steps} steps = {durations.epochs:.4g} epochs; eps_eff {s.initial:g} = lr "
+             f"{torch_lr(s.initial, run.momentum):g} / (1 - {run.momentum:g}); T = eps_eff / B = "
+             f"{s.initial / plan.global_batch_size:.4g}; decay x1/{s.gamma:.4g} ten times from step {durations.total_steps // 2}")
+
+
+def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
+    """The optimizer steps from the current one to the end, a stop request or divergence: (status, diverged_at)."""
+    env, cfg, plan, durations, state = run.env, run.cfg, run.plan, run.durations, run.state
+    stop = StopRequest(run.run_dir)
+    bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (env.is_main and cfg.log.progress),
+               unit="step", dynamic_ncols=True)
+    last_save = time.time()
+    try:
+        for step in range(state.step, durations.total_steps):
+            eff = run.schedule.at(step)
+            lr = torch_lr(eff, run.momentum)
+            want_log = (step + 1) % cfg.log.every_steps == 0 or step + 1 == durations.total_steps
+            t0 = time.perf_counter()
+            stats, norms = train_step(run.engine, run.objective, run.data.train_micro_batches(step), plan, lr, want_log)
+            # Flags every rank must agree on: a stop request (any rank), a time-based checkpoint (rank 0's clock:
+            # saving may be collective, e.g. the language model's hidden state is gathered over ranks).
+            minutes_due = (env.is_main and cfg.checkpoint.every_minutes is not None
+                           and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
+            flags = stats.new_tensor([float(stop.requested()), float(minutes_due)])
+            stats = distributed.all_reduce_sum(torch.cat([stats, flags]))
+            train_stats = run.objective.summarize(stats[:-2].cpu())
+            state.train_seconds += time.perf_counter() - t0
+            state.step = step + 1
+            if step >= durations.final_window_start:
+                state.tail_loss_sum += train_stats["loss"]
+                state.tail_steps += 1
+            if record.diverged(train_stats["loss"], cfg.divergence.max_loss):
+                say(env, f"training loss {train_stats['loss']:.4g} at step {state.step}: diverged; stopping (exit 0, "
+                         "status diverged)")
+                return DIVERGED, state.step
+            if want_log:
+                rate = examples_per_second(run)
+                log.write(record.progress_record(state.step, durations, train_stats, lr, eff, plan.global_batch_size, rate, norms))
+                bar.set_postfix(loss=f"{train_stats['loss']:.4f}", lr=f"{lr:.3g}", ex_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            if durations.eval_every and state.step % durations.eval_every == 0 and state.step < durations.total_steps:
+                log.write({"step": state.step, **evaluate(run.engine, run.objective, run.data)})
+            if state.step == durations.total_steps:  # a stop requested at the end is just the end
+                break
+            stopping = stats[-2].item() > 0
+            if stopping or stats[-1].item() > 0 or (durations.checkpoint_every and state.step % durations.checkpoint_every == 0):
+                save_checkpoint(run)
+                last_save = time.time()
+            if stopping:
+                say(env, f"stop requested ({stop.signal_name or 'another rank'}): checkpoint saved at step {state.step}")
+                if env.is_main and (note := requeue_slurm_job()):
+                    say(env, note)
+                return INTERRUPTED, None
+    finally:
+        bar.close()
+        stop.restore()
+    return COMPLETED, None
+
+
+def train_step(engine, objective, micro_batches, plan, lr: float, want_norms: bool):
+    """One optimizer step: accumulate the gradient of the global-batch mean over A micro-steps, then step."""
+    stats = None
+    for i, batch in enumerate(micro_batches):
+        s = engine.micro_step(objective, batch, plan.global_batch_size, last=i == plan.accumulation_steps - 1)
+        stats = s if stats is None else stats + s
+    return stats, engine.step(lr, want_norms)
+
+
+def examples_per_second(run: Run) -> float:
+    return run.state.step * run.plan.global_batch_size / max(run.state.train_seconds, 1e-9)
+
+
+@torch.no_grad()
+def evaluate(engine, objective, data) -> dict[str, float]:
+    """The test metric over the whole test split (each example once, shared over ranks), BN in eval mode."""
+    model = engine.module
+    model.eval()
+    stats = None
+    for batch in data.eval_batches():
+        with engine.autocast():
+            _, s = objective(model, batch)
+        stats = s if stats is None else stats + s
+    model.train()
+    if stats is None:  # this rank's share is empty (more ranks than test examples)
+        stats = torch.zeros(len(objective.stat_names), dtype=torch.float64, device=next(model.parameters()).device)
+    return {f"test_{k}": v for k, v in objective.summarize(distributed.all_reduce_sum(stats).cpu()).items()}
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every rank calls this at the same step (the objective's state may be gathered over ranks); rank 0 writes."""
+    snapshot = asdict(run.state)
+    snapshot["wall_seconds"] = run.state.wall_seconds + (time.time() - run.started)
+    run.checkpoints.save(run.state.step, {**run.engine.state_dict(), "rng": rng_state(), "state": snapshot,
+                                          "objective": run.objective.state_dict()})
+
+
+def finish(run: Run, log: MetricsLog, status: str, diverged_at: int | None) -> dict:
+    """Final evaluation, final weights and result.json (completed or diverged); or just report (interrupted)."""
+    env, state = run.env, run.state
+    metrics = {}
+    if status == COMPLETED:
+        metrics = evaluate(run.engine, run.objective, run.data)
+        log.write({"step": state.step, **metrics})
+        if env.is_main:
+            record.write_final(run.run_dir, run.engine.module.state_dict(), state.step, run.cfg)
+    result = record.result_record(status, state.step, run.durations, state.final_train_loss, run.objective, metrics,
+                                  diverged_at, examples_per_second(run), state.wall_seconds + (time.time() - run.started),
+                                  run.parameters, run.plan, state.segments)
+    if status != INTERRUPTED and env.is_main:
+        record.write_result(run.run_dir, result)
+        say(env, f"{record.summary(result)}; result in {run.run_dir / 'result.json'}")
+    return result
