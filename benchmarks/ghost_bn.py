@@ -31,9 +31,12 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     layer(x).backward(grad)
 
 
-def timed(layer, x, grad) -> float:
+def timed(layer, x, grad, sync) -> float:
+    """One forward + backward, timed to its end on the device (CUDA kernels run asynchronously)."""
+    sync()
     t0 = time.perf_counter()
     fwd_bwd(layer, x, grad)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -49,11 +52,8 @@ def measure(threads: int, b: int, c: int, size: int, repeats: int, warmup: int, 
         fwd_bwd(plain, x, grad)
     t_ghost, t_plain = [], []
     for _ in range(repeats):
-        sync()
-        t_ghost.append(timed(ghost, x, grad))
-        sync()
-        t_plain.append(timed(plain, x, grad))
-        sync()
+        t_ghost.append(timed(ghost, x, grad, sync))
+        t_plain.append(timed(plain, x, grad, sync))
     return statistics.median(t_ghost), statistics.median(t_plain)
 
 

@@ -38,7 +38,7 @@ from harness.train.trainer import train  # noqa: E402
 def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int) -> float:
     walls = {}
     for steps in (short, long):
-        cfg = load_config(None, [f"data.name=cifar10", f"data.path={shards}", "model.name=wrn", f"model.depth={depth}",
+        cfg = load_config(None, ["data.name=cifar10", f"data.path={shards}", "model.name=wrn", f"model.depth={depth}",
                                  f"model.width={width}", f"batch.global_batch_size={batch}", f"budget.steps={steps}",
                                  "device=cpu", "optim.effective_lr=0.1"])
         run = Path(tempfile.mkdtemp(dir=work))

@@ -25,6 +25,16 @@ def crop_flip_params(keys: np.ndarray, pad: int, flip: bool) -> tuple[np.ndarray
     return dy, dx, fl
 
 
+def device_crop_flip_params(keys, pad: int, flip: bool):
+    """crop_flip_params on int64 device tensors of keys: the same (dy, dx, flip), computed where the keys are."""
+    from harness.core.hashing import shr, umod
+
+    span = 2 * pad + 1
+    dy, dx = umod(keys, span), umod(shr(keys, 16), span)
+    fl = (shr(keys, 32) & 1).bool() if flip else torch.zeros_like(keys, dtype=torch.bool)
+    return dy, dx, fl
+
+
 def crop_flip(images: torch.Tensor, dy: np.ndarray, dx: np.ndarray, fl: np.ndarray, pad: int) -> torch.Tensor:
     """Zero-pad (N, C, H, W) images by `pad`, take the H x W window at (dy, dx), mirror where fl."""
     n, c, h, w = images.shape
@@ -59,12 +69,13 @@ class PaddedImages:
                              + torch.arange(h, device=images.device)[None, :] * s[3]).reshape(1, -1)  # (1, C H)
         self._strides = s
 
-    def crop(self, index: torch.Tensor, dy: np.ndarray, dx: np.ndarray, fl: np.ndarray) -> torch.Tensor:
-        """Images `index` cropped at (dy, dx) of the padded image and mirrored where fl: equals crop_flip."""
+    def crop(self, index: torch.Tensor, dy, dx, fl) -> torch.Tensor:
+        """Images `index` cropped at (dy, dx) of the padded image and mirrored where fl: equals crop_flip.
+        The offsets and flips may be numpy arrays or tensors on the images' device (no copy then)."""
         c, h, w = self.shape
         dev = index.device
-        dy_t, dx_t = torch.from_numpy(dy).to(dev), torch.from_numpy(dx).to(dev)
-        fl_t = torch.from_numpy(fl.astype(np.int64)).to(dev)
+        dy_t, dx_t = torch.as_tensor(dy, device=dev), torch.as_tensor(dx, device=dev)
+        fl_t = torch.as_tensor(fl, device=dev).to(torch.int64)
         # Mirroring the padded image then cropping at dx equals cropping at 2 pad - dx then mirroring.
         dx_t = torch.where(fl_t.bool(), 2 * self.pad - dx_t, dx_t)
         s = self._strides

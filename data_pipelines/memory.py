@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from data_pipelines.augment import PaddedImages, crop_flip_params
-from data_pipelines.order import ExampleOrder, example_keys
+from data_pipelines.augment import PaddedImages, device_crop_flip_params
+from data_pipelines.order import DeviceOrder, ExampleOrder, device_example_keys
 from data_pipelines.shards import iter_samples, split_entry, verify_shards
 from data_pipelines.spec import DataSpec
 from harness.core.errors import DataError
@@ -132,8 +132,8 @@ class InMemoryImages:
         self.train = PaddedImages(train_x.to(device), self.pad, self.flip)
         self.train_x, self.train_y = self.train.images, train_y.to(device)  # train_x: unpadded view
         self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test", skip_bad))
-        self.order = ExampleOrder(len(self.train_y), seed)
-        self._orders = {seed: self.order}  # and other seeds' orders (packed runs)
+        self.order = ExampleOrder(len(self.train_y), seed)  # the host reference of the device order below
+        self._orders = {seed: DeviceOrder(len(self.train_y), seed, device)}  # and other seeds' (packed runs)
         # x_normalized = x_uint8 * scale + shift, per channel: (x / 255 - mean) / std.
         std = torch.tensor(manifest["std"], dtype=torch.float64)
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
@@ -156,31 +156,32 @@ class InMemoryImages:
         batch i is positions [iB, (i+1)B); packed runs (harness/train/packed.py) read their seeds' streams here."""
         seed = self.seed if seed is None else seed
         if seed not in self._orders:
-            self._orders[seed] = ExampleOrder(len(self.train_y), seed)
-        idx, epochs = self._orders[seed].lookup(start, stop)
-        index = torch.from_numpy(idx).to(self.device)
-        keys = example_keys(seed, epochs, idx)
+            self._orders[seed] = DeviceOrder(len(self.train_y), seed, self.device)
+        index, epochs = self._orders[seed].lookup(start, stop)  # on the device: no host-to-device copy per batch
+        keys = device_example_keys(seed, epochs, index)
         if self.pad or self.flip:
-            dy, dx, fl = crop_flip_params(keys, self.pad, self.flip)
+            dy, dx, fl = device_crop_flip_params(keys, self.pad, self.flip)
         else:
-            dy = dx = np.full(len(idx), self.pad, dtype=np.int64)
-            fl = np.zeros(len(idx), dtype=bool)
+            dy = dx = torch.full_like(index, self.pad)
+            fl = torch.zeros_like(index, dtype=torch.bool)
         x = self._normalize(self.train.crop(index, dy, dx, fl))
-        return x, x if self.reconstruct else self.train_y[index], torch.from_numpy(keys.view(np.int64)).to(self.device)
+        return x, x if self.reconstruct else self.train_y[index], keys
 
     def train_micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         base = step * self.plan.global_batch_size
         return [self.stream(base + lo, base + hi) for lo, hi in
                 (self.plan.micro_slice(a, self.rank) for a in range(self.plan.accumulation_steps))]
 
-    def eval_batches(self):
-        """This rank's contiguous share of the test split; the shares cover it exactly once."""
-        n, w = len(self.test_y), self.plan.world_size
+    def eval_batches(self, split: str = "test"):
+        """This rank's contiguous share of the test split (or, split "train", of the training set without
+        augmentation: eval.train_loss); the shares cover it exactly once."""
+        images, labels = (self.test_x, self.test_y) if split == "test" else (self.train_x, self.train_y)
+        n, w = len(labels), self.plan.world_size
         lo, hi = self.rank * n // w, (self.rank + 1) * n // w
         for start in range(lo, hi, self.eval_batch_size):
             stop = min(hi, start + self.eval_batch_size)
-            x = self._normalize(self.test_x[start:stop])
-            yield x, x if self.reconstruct else self.test_y[start:stop]
+            x = self._normalize(images[start:stop])
+            yield x, x if self.reconstruct else labels[start:stop]
 
 
 def stream_batch(data: InMemoryImages, seed: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:

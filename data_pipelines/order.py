@@ -59,3 +59,47 @@ def example_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarr
         h = _splitmix64(np.full(indices.shape, (_AUG_TAG << 32) ^ seed, dtype=np.uint64))
         h = _splitmix64(h ^ epochs.astype(np.uint64))
         return _splitmix64(h ^ indices.astype(np.uint64))
+
+
+class DeviceOrder:
+    """ExampleOrder on the training device: each epoch's permutation is uploaded once (pinned, asynchronous), and
+    stream positions become example indices and epochs by slicing it there, so assembling a batch copies nothing
+    from the host. The same permutations as ExampleOrder, so the same batches."""
+
+    def __init__(self, num_examples: int, seed: int, device):
+        import torch
+
+        self.n, self.seed, self.device = num_examples, seed, torch.device(device)
+        self._cache: dict[int, "torch.Tensor"] = {}
+
+    def _perm(self, epoch: int):
+        import torch
+
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            perm = torch.from_numpy(epoch_permutation(self.seed, epoch, self.n))
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()
+            self._cache[epoch] = perm.to(self.device, non_blocking=True)
+        return self._cache[epoch]
+
+    def lookup(self, start: int, stop: int):
+        """Example indices and epochs (int64 device tensors) of stream positions [start, stop)."""
+        import torch
+
+        idx, epochs = [], []
+        for e in range(start // self.n, (stop - 1) // self.n + 1):
+            a, b = max(start, e * self.n) - e * self.n, min(stop, (e + 1) * self.n) - e * self.n
+            idx.append(self._perm(e)[a:b])
+            epochs.append(torch.full((b - a,), e, dtype=torch.int64, device=self.device))
+        return (torch.cat(idx), torch.cat(epochs)) if len(idx) > 1 else (idx[0], epochs[0])
+
+
+def device_example_keys(seed: int, epochs, indices):
+    """example_keys on int64 device tensors: bit for bit the numpy uint64 keys (harness/core/hashing.py)."""
+    from harness.core.hashing import as_int64, splitmix64
+
+    h = splitmix64(epochs.new_full(indices.shape, as_int64((_AUG_TAG << 32) ^ seed)))
+    h = splitmix64(h ^ epochs)
+    return splitmix64(h ^ indices)

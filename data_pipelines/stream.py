@@ -462,8 +462,11 @@ class StreamingImages:
             yield self._finish(self._next(), keys)
 
     # ---- evaluation
-    def eval_batches(self, keys: bool = False):
+    def eval_batches(self, split: str = "test", keys: bool = False):
         """This rank's part of the eval split; the ranks' parts cover it exactly once."""
+        if split != "test":
+            raise DataError("eval.train_loss: the loss over the whole streamed training set (1.28M ImageNet images) is "
+                            "not available; set eval.train_loss: false (the final-window train_loss is still recorded)")
         skipped = 0
         try:
             for batch in self.eval_loader:

@@ -77,11 +77,13 @@ class TokenStreams:
             ))
         return out
 
-    def eval_batches(self):
-        """Rank 0: the whole test stream in chunks (state carried); other ranks: nothing."""
+    def eval_batches(self, split: str = "test"):
+        """Rank 0: the whole test stream in chunks (state carried); other ranks: nothing. Split "train"
+        (eval.train_loss): the training tokens the streams hold, read as one stream in the same way."""
         if self.rank != 0:
             return
-        x, y = self.test[:-1], self.test[1:]
+        tokens = self.test if split == "test" else self.streams.reshape(-1)
+        x, y = tokens[:-1], tokens[1:]
         for start in range(0, len(x), self.eval_batch_size):
             stop = min(len(x), start + self.eval_batch_size)
             yield StreamBatch(x[None, start:stop], y[None, start:stop], None, None, 1, start == 0)

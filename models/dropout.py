@@ -5,8 +5,8 @@ lands on would then decide its mask. Here every example carries a 64-bit key fro
 (images: (seed, epoch, example index), the same key as its augmentation; token streams: (seed, step,
 stream)), and the mask of element i of example b at dropout layer s is a pure function of
 (key_b, s, i): splitmix64 (Steele et al. 2014) counter-based hashing, computed in int64 tensor arithmetic on
-the device. An example is therefore dropped identically whichever rank, micro-batch or accumulation step
-holds it, exactly like its augmentation.
+the device (harness/core/hashing.py). An example is therefore dropped identically whichever rank, micro-batch
+or accumulation step holds it, exactly like its augmentation.
 
 Usage: the objective wraps the forward pass in `with dropout_keys(model, keys): model(x)`. In training mode a
 KeyedDropout layer without keys raises (a silently unkeyed mask would break the promise); in eval it is the
@@ -20,26 +20,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
-_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
-
-
-def _i64(v: int) -> int:
-    """A Python integer reduced modulo 2^64 into int64's range (what a wrapping uint64 would hold)."""
-    return (v + 2**63) % 2**64 - 2**63
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer; int64 multiplication wraps modulo 2^64 like the uint64 original."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+from harness.core.hashing import GOLDEN, as_int64, mix, shr
 
 
 def keep_mask(keys: torch.Tensor, site: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -48,9 +29,9 @@ def keep_mask(keys: torch.Tensor, site: int, shape: tuple[int, ...], p: float) -
     n = 1
     for d in shape:
         n *= d
-    base = _mix(keys.to(torch.int64) + _i64((site + 1) * _GOLDEN))  # one splitmix64 stream per (example, layer)
+    base = mix(keys.to(torch.int64) + as_int64((site + 1) * GOLDEN))  # one splitmix64 stream per (example, layer)
     counter = torch.arange(1, n + 1, dtype=torch.int64, device=keys.device)
-    bits = _shr(_mix(base[:, None] + counter[None, :] * _GOLDEN), 11)  # 53 uniform bits
+    bits = shr(mix(base[:, None] + counter[None, :] * GOLDEN), 11)  # 53 uniform bits
     return (bits >= round(p * 2.0**53)).view(len(keys), *shape)
 
 

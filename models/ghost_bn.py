@@ -4,9 +4,9 @@ Training statistics come from fixed groups of G consecutive examples of the glob
 the micro-batch a rank happens to hold, so the normalization is the same at every layout. The batch
 plan (harness.recipe.batch_plan) guarantees one of two cases:
 
-- m >= G (m a multiple of G): every group lies inside one rank's micro-batch. Each group is one call of
-  the native batch-norm kernels on a contiguous slice: identical arithmetic for a group whatever the layout,
-  and no communication at all.
+- m >= G (m a multiple of G): every group lies inside one rank's micro-batch. All groups are normalized in one
+  batched computation (`_LocalGroups`: one reduction over a (groups, G, C, positions) view, no copy, no kernel
+  launch per group), with no communication at all.
 - m < G (G a multiple of m): a group spans G/m consecutive ranks of the same micro-step. Each rank computes
   its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them and combine
   them exactly (Chan et al.'s pairwise formula); backward all-reduces the two per-channel sums the batch-norm
@@ -82,44 +82,66 @@ class _AcrossRanks(torch.autograd.Function):
         return grad_x.to(x.dtype), local[1].to(weight.dtype), local[0].to(weight.dtype), None, None
 
 
-class _LocalGroups(torch.autograd.Function):
-    """Native batch norm per contiguous group of g examples, written straight into one output (CPU).
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Statistics in fp32 at least (bf16 / fp16 activations under autocast)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
-    Exactly the kernels F.batch_norm runs on each group, so outputs and input gradients are bitwise those
-    of the per-group F.batch_norm loop (tests/test_ghost_bn.py), without its torch.cat copy and one autograd
-    node per group (benchmarks/ghost_bn.py, one thread, B = 512: the loop took 1.1-1.3x nn.BatchNorm2d's
-    time, this 1.08-1.13x). `stats` (2, groups, C) receives each group's mean and unbiased variance.
+
+class _LocalGroups(torch.autograd.Function):
+    """Batch norm of every group of g consecutive examples at once: one reduction over a (groups, g, C, S) view
+    of the input, one elementwise pass out, and the same in backward, whatever the number of groups.
+
+    No copy and no per-group kernel launch: the view works for contiguous and channels_last tensors alike, and the
+    output keeps the input's memory format. The arithmetic is batch norm's (biased variance normalizes; torch's
+    formula for the input gradient), so it equals one F.batch_norm per group to round-off (tests/test_ghost_bn.py,
+    in fp64). Written as torch operations with `setup_context`, so torch.func.vmap (packed runs) and torch.compile
+    can trace it. Returns y and each group's (mean, unbiased variance) (groups, C) for the running statistics.
     """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, g: int, eps: float, stats):
-        groups = x.shape[0] // g
-        y = torch.empty_like(x)
-        save_mean, save_invstd = stats.new_empty(groups, x.shape[1]), stats.new_empty(groups, x.shape[1])
-        for i in range(groups):
-            part = slice(i * g, (i + 1) * g)
-            torch.ops.aten.native_batch_norm.out(x[part], weight, bias, stats[0, i], stats[1, i], True, 1.0, eps,
-                                                 out=y[part], save_mean=save_mean[i], save_invstd=save_invstd[i])
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
-        ctx.g, ctx.eps = g, eps
-        return y
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
-        g = ctx.g
-        grad_x = torch.empty_like(x)
-        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(weight)
-        part_w, part_b = torch.empty_like(weight), torch.empty_like(weight)
-        for i in range(x.shape[0] // g):
-            part = slice(i * g, (i + 1) * g)
-            torch.ops.aten.native_batch_norm_backward.out(
-                grad_y[part], x[part], weight, None, None, save_mean[i], save_invstd[i], True, ctx.eps,
-                [True, True, True], out0=grad_x[part], out1=part_w, out2=part_b)
-            grad_w += part_w
-            grad_b += part_b
-        return grad_x, grad_w, grad_b, None, None, None
+    def forward(x, weight, bias, g: int, eps: float):
+        n, c = x.shape[0], x.shape[1]
+        xs = _upcast(x)
+        v = xs.view(n // g, g, c, -1)  # (groups, examples of a group, channels, positions), no copy
+        var, mean = torch.var_mean(v, dim=(1, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * weight
+        # One elementwise pass over the input's own shape (a fresh tensor in its memory format, not a view: layers
+        # after it, ReLU(inplace=True), modify it), with each group's scale and shift repeated per example.
+        y = torch.addcmul(_per_example(bias - mean * scale, g, x), xs, _per_example(scale, g, x))
+        m = g * v.shape[3]
+        return y.to(x.dtype), mean, var * (m / max(m - 1, 1)), invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, g, _ = inputs
+        _, mean, _, invstd = output
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.g = g
+        ctx.mark_non_differentiable(mean, output[2], invstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_invstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        g, n, c = ctx.g, x.shape[0], x.shape[1]
+        xs, dys = _upcast(x), _upcast(grad_y)
+        v, dy = xs.view(n // g, g, c, -1), dys.reshape(n // g, g, c, -1)
+        m = g * v.shape[3]
+        sum_dy = dy.sum((1, 3))  # (groups, C): the group's beta gradient
+        sum_dy_xhat = (dy * v).sum((1, 3)).sub_(mean * sum_dy).mul_(invstd)  # sum of dy * x_hat: gamma's
+        # dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat)) = a dy + b x + c, per (group, channel).
+        a = invstd * weight
+        b = -a * invstd * sum_dy_xhat / m
+        cst = -a * sum_dy / m - b * mean
+        dx = torch.addcmul(torch.addcmul(_per_example(cst, g, x), xs, _per_example(b, g, x)), dys, _per_example(a, g, x))
+        return dx.to(x.dtype), sum_dy_xhat.sum(0).to(weight.dtype), sum_dy.sum(0).to(weight.dtype), None, None
+
+
+def _per_example(t: torch.Tensor, g: int, like: torch.Tensor) -> torch.Tensor:
+    """(groups, C) -> (N, C, 1, ...): each group's values for each of its g examples, broadcasting against `like`."""
+    return t.repeat_interleave(g, dim=0).view(-1, t.shape[1], *([1] * (like.dim() - 2)))
 
 
 class GhostBatchNorm(nn.Module):
@@ -154,22 +176,11 @@ class GhostBatchNorm(nn.Module):
                 f"GhostBatchNorm got {x.shape[0]} examples, not a multiple of ghost_batch_size={g}; "
                 "the batch plan should have prevented this"
             )
-        groups = x.shape[0] // g
-        # One native batch_norm per contiguous group: identical arithmetic for a group whatever the layout.
-        # With momentum 1 the "running" outputs are exactly the group's mean and unbiased variance.
-        stats = torch.zeros(2, groups, self.num_features, dtype=self.running_mean.dtype, device=x.device)
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == stats.dtype:
-            y = _LocalGroups.apply(x, self.weight, self.bias, g, self.eps, stats)
-        else:  # GPU (cuDNN) and mixed precision: the same per-group calls through F.batch_norm
-            outs = [
-                F.batch_norm(xg, stats[0, i], stats[1, i], self.weight, self.bias, True, 1.0, self.eps)
-                for i, xg in enumerate(x.split(g))
-            ]
-            y = outs[0] if groups == 1 else torch.cat(outs)
+        y, mean, var, _ = _LocalGroups.apply(x, self.weight, self.bias, g, self.eps)
         acc = self.stat_accumulator
-        acc[: self.num_features] += stats[0].sum(0)
-        acc[self.num_features : -1] += stats[1].sum(0)
-        acc[-1] += groups
+        acc[: self.num_features] += mean.sum(0).to(acc.dtype)
+        acc[self.num_features : -1] += var.sum(0).to(acc.dtype)
+        acc[-1] += x.shape[0] // g
         return y
 
     def _forward_across_ranks(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +230,11 @@ def update_running_stats(model: nn.Module) -> None:
         c = layer.num_features
         acc = flat[offset : offset + 2 * c + 1]
         offset += 2 * c + 1
+        # Tensor arithmetic, no `if count > 0` on the host (a device sync per layer): a layer that saw no group this
+        # step (momentum 0 then) keeps its statistics.
         count = acc[-1]
-        if count > 0:
-            layer.running_mean.mul_(1 - layer.momentum).add_(acc[:c] / count, alpha=layer.momentum)
-            layer.running_var.mul_(1 - layer.momentum).add_(acc[c : 2 * c] / count, alpha=layer.momentum)
+        momentum = layer.momentum * (count > 0).to(acc.dtype)
+        total = count.clamp(min=1)
+        layer.running_mean.lerp_((acc[:c] / total).to(layer.running_mean.dtype), momentum.to(layer.running_mean.dtype))
+        layer.running_var.lerp_((acc[c : 2 * c] / total).to(layer.running_var.dtype), momentum.to(layer.running_var.dtype))
         layer.stat_accumulator.zero_()

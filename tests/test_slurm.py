@@ -42,7 +42,7 @@ def test_cifar10_script_on_two_nodes(slurm_cluster, cifar_shards, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-6000:]
     assert info["NumNodes"] == "2" and slurm_cluster.step_nodes(job) == {"node1", "node2"}  # a torchrun on each
     assert "2 node(s) x 1 process(es) (GPUs SLURM gave each node) = world size 2" in out
-    assert f"--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:" in out and f"--rdzv-id={job} " in out
+    assert "--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:" in out and f"--rdzv-id={job} " in out
 
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == result["total_steps"] == 4

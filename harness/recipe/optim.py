@@ -17,13 +17,16 @@ def torch_lr(effective_lr: float, momentum: float) -> float:
     return effective_lr * (1.0 - momentum)
 
 
-def build_optimizer(params, name: str, momentum: float, weight_decay: float):
-    """torch.optim.SGD with the paper's momentum convention (torch is imported here, not with the module)."""
+def build_optimizer(params, name: str, momentum: float, weight_decay: float, fused: bool = False):
+    """torch.optim.SGD with the paper's momentum convention (torch is imported here, not with the module).
+    fused: torch's fused kernel (every parameter in one kernel; CPU and CUDA), the same arithmetic as its
+    foreach and for-loop implementations (tests/test_schedule.py compares them)."""
     import torch
 
     # The rate is set by the schedule before every step; 0.0 here is a placeholder.
     return torch.optim.SGD(
-        params, lr=0.0, momentum=momentum_of(name, momentum), dampening=0.0, nesterov=False, weight_decay=weight_decay
+        params, lr=0.0, momentum=momentum_of(name, momentum), dampening=0.0, nesterov=False, weight_decay=weight_decay,
+        fused=fused or None,
     )
 
 

@@ -40,11 +40,14 @@ class Checkpointer:
             old.unlink(missing_ok=True)
         return path
 
-    def load_latest(self, map_location) -> tuple[dict, Path] | None:
-        """The newest readable checkpoint; an unreadable one (truncated, corrupt) is skipped with a warning."""
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest readable checkpoint, on the CPU; an unreadable one (truncated, corrupt) is skipped with a
+        warning. Loading onto the CPU, whatever the training device: the RNG states must stay CPU byte tensors
+        (torch.set_rng_state refuses a CUDA tensor, so a requeued GPU job would crash-loop), and load_state_dict
+        copies weights and momentum buffers onto the model's device anyway."""
         for path in self.paths():
             try:
-                return torch.load(path, map_location=map_location, weights_only=True), path
+                return torch.load(path, map_location="cpu", weights_only=True), path
             except Exception as e:  # noqa: BLE001 - any failure to read means: fall back to an older one
                 print(f"harness: warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
                       "falling back to the previous one", file=sys.stderr)
@@ -59,6 +62,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
+    """Restore RNG states saved by `rng_state`, whatever device or dtype the loaded tensors ended up with."""
+    torch.set_rng_state(_bytes(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_bytes(state["cuda"]))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An RNG state as the CPU uint8 tensor torch's setters accept."""
+    return t.detach().to(device="cpu", dtype=torch.uint8).contiguous()

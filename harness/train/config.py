@@ -68,10 +68,22 @@ class DeepSpeedConfig:
 
 @dataclass
 class LogConfig:
+    # Metrics (metrics.jsonl, TensorBoard, the progress bar) every so many steps. The device's values are read
+    # back to the host only at these steps, so a GPU never waits for the host in between.
     every_steps: int = positive(10)
     tensorboard: bool = True
     # tqdm progress bar on rank 0 (off by default when stderr is not a terminal is NOT assumed: set false).
     progress: bool = True
+    # The gradient noise scale B_simple (McCandlish et al. 2018), measured online from the gradients of two batch
+    # sizes (harness/train/noise_scale.py): metrics `b_simple`, `noise_trace`, `noise_grad_sq`, result.json
+    # `b_simple`. At world size 1 it needs two micro-steps: the batch is then split in two (a layout change only).
+    noise_scale: bool = False
+    # EMA decay of the noise-scale estimates (per step).
+    noise_scale_decay: float = positive(0.99)
+
+    def validate(self, path: str) -> None:
+        if not self.noise_scale_decay < 1:
+            raise ConfigError(f"config key {path}.noise_scale_decay: must be in (0, 1), got {self.noise_scale_decay}")
 
 
 @dataclass
@@ -79,6 +91,10 @@ class EvalConfig:
     # Evaluate every so many steps or epochs (at most one); always at the end.
     every_steps: Optional[int] = positive(None)
     every_epochs: Optional[float] = positive(None)
+    # At the end, also the loss over the whole training set in eval mode (no augmentation, BN running statistics,
+    # no dropout): result.json `train_set_loss` (and `train_set_accuracy`), beside `train_loss`, the mean
+    # train-mode minibatch loss over the final floor(S/20) steps.
+    train_loss: bool = False
 
     def validate(self, path: str) -> None:
         if self.every_steps is not None and self.every_epochs is not None:
@@ -103,6 +119,22 @@ class DivergenceConfig:
     max_loss: Optional[float] = positive(None)
 
 
+@dataclass
+class SpeedConfig:
+    """How fast, never what: these keys change kernels and so round-off, not the arithmetic the run specifies
+    (they are layout keys: they may change between segments and are not part of the run id)."""
+
+    # torch.compile the model (inductor). The trajectory is the eager one to round-off: fused kernels reassociate
+    # floating-point sums (fp32: about 1e-7 relative per step).
+    compile: bool = False
+    # Convolutions in channels_last memory format (unset: on CUDA for models with 2-D convolutions).
+    channels_last: Optional[bool] = None
+    # Deterministic algorithms (harness/train/numerics.py): bitwise reproducible resume on a GPU, at some cost.
+    deterministic: bool = False
+    # torch's fused SGD kernel (one kernel for every parameter) instead of its foreach implementation.
+    fused_optimizer: bool = True
+
+
 def _model_field():
     return field(
         default_factory=WideResNetConfig,
@@ -113,7 +145,9 @@ def _model_field():
 @dataclass
 class Config:
     seed: int = 0
-    precision: Literal["fp32", "fp64", "bf16"] = "fp32"
+    # fp32 is IEEE fp32 on every device; tf32: fp32 weights, TF32 matrix products and convolutions on CUDA;
+    # bf16: fp32 weights and optimizer, bf16 autocast.
+    precision: Literal["fp32", "fp64", "bf16", "tf32"] = "fp32"
     backend: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -127,6 +161,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, path: str) -> None:
         if self.backend == "deepspeed" and self.precision == "fp64":

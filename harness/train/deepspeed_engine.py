@@ -46,6 +46,10 @@ def deepspeed_config(plan, precision: str, grad_clip_norm: float | None, user_co
         # section would keep bf16 weights plus an fp32 copy in a wrapper optimizer: another trajectory, and
         # checkpoints no longer interchangeable with backend: ddp (backend may change on resume).
         "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+        # DeepSpeed's throughput timer synchronizes the device twice per micro-step (its `synchronized` default):
+        # the harness measures throughput itself, at log intervals.
+        "timers": {"throughput": {"enabled": False}},
+        "wall_clock_breakdown": False,
     }
     if user_config is None:
         return derived
@@ -101,6 +105,7 @@ class DeepSpeedEngine(EngineBase):
         self.module = model
         self.optimizer = optimizer  # DeepSpeed steps this very object (no ZeRO, no wrapper): lr is set on it
         self.plan = plan
+        self.device = device
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         if self.ds.global_rank == 0:  # the config in effect, for the log (clipping 0.0 shows it is off)
             print(f"harness: deepspeed {deepspeed.__version__} engine, config {json.dumps(self.config)}", flush=True)
@@ -108,13 +113,19 @@ class DeepSpeedEngine(EngineBase):
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = device.type
 
-    def micro_step(self, objective, batch, global_count: float, last: bool) -> torch.Tensor:
+    def micro_step(self, objective, batch, global_count: float, accum_index: int) -> torch.Tensor:
+        last = accum_index == self.plan.accumulation_steps - 1
         self.ds.set_gradient_accumulation_boundary(last)
         loss_sum, stats = objective(self.ds, batch)
         self.ds.backward(loss_sum * (self.plan.world_size * self.plan.accumulation_steps / global_count))
+        self._after_backward(accum_index)
         if not last:
             self.ds.step()  # off the boundary this only advances DeepSpeed's micro-step counter
         return stats
+
+    def compile(self) -> None:
+        """speed.compile: DeepSpeed's own torch.compile of the wrapped module."""
+        self.ds.compile()
 
     def _apply(self) -> None:
         """DeepSpeed's step at the accumulation boundary: clipping at gradient_clipping, the SGD step, zeroing."""

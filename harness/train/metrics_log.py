@@ -21,7 +21,8 @@ class MetricsLog:
         "train_loss": "train/loss", "train_accuracy": "train/accuracy", "lr": "train/lr",
         "effective_lr": "train/effective_lr", "temperature": "train/temperature",
         "examples_per_second": "train/examples_per_second", "grad_norm": "train/grad_norm",
-        "param_norm": "train/param_norm", "update_norm": "train/update_norm",
+        "param_norm": "train/param_norm", "update_norm": "train/update_norm", "b_simple": "train/b_simple",
+        "noise_trace": "train/noise_trace", "noise_grad_sq": "train/noise_grad_sq",
     }
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
@@ -52,7 +53,7 @@ class MetricsLog:
             for key, value in record.items():
                 if key == "step" or not isinstance(value, (int, float)):
                     continue
-                tag = self.TAGS.get(key) or (f"test/{key[5:]}" if key.startswith("test_") else key)
+                tag = self.TAGS.get(key) or _tag(key)
                 self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
@@ -68,3 +69,11 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _tag(key: str) -> str:
+    """test_accuracy -> test/accuracy, train_set_loss -> train_set/loss; anything else as it is."""
+    for prefix in ("test_", "train_set_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return key

@@ -2,7 +2,8 @@
 by the number of examples in the global batch, so the gradient is the mean over B (eq. 1) at any layout.
 
 Each objective returns `(loss_sum, stats)` where stats is a float64 vector [loss_sum, count, extra...]
-that can be summed over micro-steps and ranks. A training batch may carry a third element, the examples'
+on the training device that can be summed over micro-steps and ranks; `summarize` reads it on the host (the
+trainer does so only at log intervals) and `loss` gives the mean loss as a device tensor. A training batch may carry a third element, the examples'
 int64 dropout keys (models.dropout): the objective hands them to the model's KeyedDropout layers.
 `state_dict()`/`load_state_dict()` hold what an objective carries from step to step (the language
 model's hidden state) for checkpoints; `train_summary(train_loss)` adds task-specific entries to result.json.
@@ -18,8 +19,25 @@ import torch.nn.functional as F
 from models.dropout import dropout_keys
 
 
+def _stats(loss_sum: torch.Tensor, *counts) -> torch.Tensor:
+    """[loss_sum, counts...] as a float64 vector on the loss's device. The counts are host integers: torch.full
+    writes them on the device without a host-to-device copy (torch.tensor(..., device=cuda) would copy and wait)."""
+    parts = [loss_sum.detach().double().reshape(1)]
+    parts += [c.double().reshape(1) if isinstance(c, torch.Tensor) else torch.full((1,), float(c), dtype=torch.float64,
+                                                                                  device=loss_sum.device) for c in counts]
+    return torch.cat(parts)
+
+
 class Objective:
     """Defaults for objectives that carry nothing between steps and add nothing to result.json."""
+
+    # Which entry of the stats vector the loss is normalized by (the number of examples; tokens for language models).
+    loss_count_index = 1
+
+    def loss(self, stats: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a (summed) stats vector, on its device: what the divergence check and the final-loss
+        window use without reading the value back to the host."""
+        return stats[0] / stats[self.loss_count_index]
 
     def train_summary(self, train_loss: float | None) -> dict[str, float]:
         return {}
@@ -42,9 +60,7 @@ class Classification(Objective):
             logits = model(x)
         loss_sum = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, y, reduction="sum")
         correct = (logits.argmax(1) == y).sum()
-        stats = torch.stack([loss_sum.detach().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=y.device),
-                             correct.double()])
-        return loss_sum, stats
+        return loss_sum, _stats(loss_sum, len(y), correct)
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:
         loss_sum, count, correct = stats.tolist()
@@ -72,8 +88,7 @@ class Reconstruction(Objective):
             out = model(x)
         err = out.float() if out.dtype == torch.bfloat16 else out
         loss_sum = (err - target.reshape(err.shape).to(err.dtype)).square().sum()
-        stats = torch.stack([loss_sum.detach().double(), torch.tensor(float(len(x)), dtype=torch.float64, device=x.device)])
-        return loss_sum, stats
+        return loss_sum, _stats(loss_sum, len(x))
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:
         loss_sum, count = stats.tolist()
@@ -99,6 +114,7 @@ class LanguageModel(Objective):
     metric = "test_perplexity"
     higher_is_better = False
     stat_names = ("loss_sum", "count", "tokens")
+    loss_count_index = 2
 
     def __init__(self):
         self.hidden: dict[tuple[int, int] | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,9 +144,7 @@ class LanguageModel(Objective):
         logits = logits.float() if logits.dtype == torch.bfloat16 else logits
         y = batch.targets
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-        stats = torch.tensor([0.0, float(len(y)), float(y.numel())], dtype=torch.float64, device=y.device)
-        stats[0] = loss_sum.detach().double()
-        return loss_sum, stats
+        return loss_sum, _stats(loss_sum, len(y), y.numel())
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:
         loss_sum, _, tokens = stats.tolist()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from harness.core.io import atomic_save_torch, atomic_write_json, read_json
 from harness.core.status import FINISHED, is_finished
 from harness.recipe.budget import Durations
@@ -51,11 +53,44 @@ def finished_result(run_dir: Path, cfg: Config) -> dict | None:
 
 def diverged(loss, max_loss: float | None):
     """The divergence rule, on a float or elementwise on a tensor of losses: non-finite, or above max_loss."""
-    import torch
-
     loss = torch.as_tensor(loss)
     bad = ~torch.isfinite(loss)
     return bad | (loss > max_loss) if max_loss is not None else bad
+
+
+class Ledger:
+    """The divergence check and the final-loss window, kept on the training device so that no step waits for
+    the host: `add` every step (elementwise, for one run or a pack of runs), `read` at log intervals.
+
+    `first_diverged` is the first step (1-based, as `diverged_at_step`) whose training loss broke the divergence
+    rule; steps taken after it, until the next read, change nothing that is recorded: the final-loss window counts
+    steps up to and including that one, exactly as a check after every step would.
+    """
+
+    def __init__(self, window_start: int, max_loss: float | None, like: torch.Tensor,
+                 tail_sum: float = 0.0, tail_steps: int = 0):
+        self.window_start, self.max_loss = window_start, max_loss
+        self.first_diverged = torch.full_like(like, -1, dtype=torch.int64)
+        self.tail_sum = torch.full_like(like, tail_sum, dtype=torch.float64)
+        self.tail_steps = torch.full_like(like, tail_steps, dtype=torch.int64)
+
+    def add(self, step: int, loss) -> None:
+        """The mean training loss of optimizer step `step` (0-based), a device tensor."""
+        fresh = self.first_diverged < 0
+        self.first_diverged = torch.where(fresh & diverged(loss, self.max_loss), step + 1, self.first_diverged)
+        if step >= self.window_start:
+            self.tail_sum = self.tail_sum + torch.where(fresh, loss.double(), 0.0)
+            self.tail_steps = self.tail_steps + fresh.to(torch.int64)
+
+    def snapshot(self):
+        """(first diverged step, final-window loss sum, its step count) stacked on the device, shape (3, *runs),
+        to be read on the host together with the step's other values (one device sync)."""
+        return torch.stack([self.first_diverged.double(), self.tail_sum, self.tail_steps.double()])
+
+    @staticmethod
+    def unpack(first: float, tail_sum: float, tail_steps: float) -> tuple[int | None, float, int]:
+        """One run's (first diverged step or None, final-window loss sum, its step count) from a read snapshot."""
+        return (None if first < 0 else int(first)), tail_sum, int(tail_steps)
 
 
 def progress_record(step: int, durations: Durations, train_stats: dict, lr: float, effective_lr: float,

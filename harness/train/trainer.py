@@ -2,7 +2,7 @@
 schedule, from a resolved config, into a self-describing run directory.
 
     run_dir/config.yaml        resolved config (the science; layout keys may change on resume)
-    run_dir/env.json           code version, library versions, host, layout of the latest segment
+    run_dir/env.json           code version, library versions, host, layout and numerics of the latest segment
     run_dir/metrics.jsonl      one JSON record per logged step and per evaluation
     run_dir/tb/                TensorBoard events
     run_dir/checkpoints/       step-XXXXXXXX.pt (last K, for resuming) and final.pt
@@ -10,6 +10,10 @@ schedule, from a resolved config, into a self-describing run directory.
 
 `train` reads as the algorithm: `prepare` builds the run (plan, data, model, engine, checkpoint), `loop` takes
 the optimizer steps, `finish` evaluates and writes the result. What a run records is defined in record.py.
+
+The steady state of a step never waits for the device: the step's statistics, the divergence check and the
+final-loss window stay on the device (record.Ledger) and are read at log intervals (and before an evaluation
+or a checkpoint); the flags that every rank must agree on travel on the host (distributed.StepFlags).
 """
 
 from __future__ import annotations
@@ -25,20 +29,21 @@ import models
 from data_pipelines import ReaderOptions, build_data
 from harness.core.io import atomic_write_json, atomic_write_text
 from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
-from harness.recipe.batch_plan import BatchPlan
+from harness.recipe.batch_plan import BatchPlan, make_batch_plan
 from harness.recipe.budget import Durations
 from harness.recipe.optim import build_optimizer, momentum_of, param_groups, torch_lr
 from harness.recipe.schedule import Schedule
-from harness.train import distributed, objectives, provenance, record
+from harness.train import distributed, numerics, objectives, provenance, record
 from harness.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from harness.train.config import Config, durations_of, plan_of, to_yaml
 from harness.train.engine import DDPEngine, EngineBase
 from harness.train.metrics_log import MetricsLog
-from harness.train.record import TrainState
+from harness.train.record import Ledger, TrainState
 from harness.train.signals import StopRequest, requeue_slurm_job
 from models import ghost_bn
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32}  # bf16: fp32 weights, autocast
+# bf16 and tf32: fp32 weights (autocast, or TF32 products).
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32, "tf32": torch.float32}
 
 
 def say(env, text: str) -> None:
@@ -64,6 +69,7 @@ class Run:
     checkpoints: Checkpointer
     state: TrainState
     started: float
+    numerics: dict
 
 
 def train(cfg: Config, run_dir: str | Path) -> dict:
@@ -88,8 +94,9 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
 
 def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
     """Everything that can be wrong with the config, layout or data fails here, before the run dir exists."""
+    math_mode = numerics.configure(cfg.precision, cfg.speed.deterministic, env.device)
     dtype = DTYPES[cfg.precision]
-    plan = plan_of(cfg, env.world_size)
+    plan = noise_scale_plan(cfg, plan_of(cfg, env.world_size), env)
     data = build_data(cfg.data.name, cfg.data.path, cfg.data.augment, cfg.data.eval_batch_size,
                       plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data), cfg.model.task,
                       cfg.model.sequence_length())
@@ -99,38 +106,68 @@ def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and at every layout
     model = models.build_model(cfg.model, data.spec).to(env.device, dtype)
+    if channels_last(cfg, model, env.device):
+        model = model.to(memory_format=torch.channels_last)
     # Ghost-BN groups that span ranks (m < G) normalize through their ranks' process group.
     ghost_bn.set_process_group(model, distributed.ghost_bn_group(plan.ranks_per_ghost_group))
     m = momentum_of(cfg.optim.name, cfg.optim.momentum)
     optimizer = build_optimizer(param_groups(model, cfg.model.exclude_norm_and_bias_from_decay()), cfg.optim.name, m,
-                                cfg.optim.weight_decay)
-    engine = build_engine(cfg.backend, model, optimizer, env, cfg.precision, cfg.optim.grad_clip_norm, plan=plan,
-                          deepspeed_config_path=cfg.deepspeed.config)
+                                cfg.optim.weight_decay, fused=cfg.speed.fused_optimizer)
+    engine = build_engine(cfg, model, optimizer, env, plan)
     objective = objectives.for_task(data.spec.task)
     schedule = Schedule.of(cfg.optim.effective_lr, cfg.schedule.decay_factor, cfg.schedule.final_lr, durations.total_steps,
                            cfg.schedule.warmup_steps)
     run = Run(cfg, run_dir, env, plan, data, durations, engine, objective, schedule, m, models.count_parameters(model),
-              Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main), TrainState(), started)
+              Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main), TrainState(), started,
+              {**math_mode, "channels_last": channels_last(cfg, model, env.device), "compile": cfg.speed.compile})
     resume(run)
     run.state.segments.append(record.segment(env.world_size, run.state.step))
     if env.is_main:
-        atomic_write_json(run_dir / "env.json", provenance.environment(env, plan))
+        atomic_write_json(run_dir / "env.json", {**provenance.environment(env, plan), "numerics": run.numerics})
     return run
 
 
-def build_engine(backend: str, model, optimizer, env, precision: str, grad_clip_norm: float | None, plan: BatchPlan,
-                 deepspeed_config_path: str | None = None) -> EngineBase:
+def noise_scale_plan(cfg: Config, plan: BatchPlan, env) -> BatchPlan:
+    """The gradient noise scale needs a batch smaller than B before a reduction: at world size 1 without
+    accumulation, split the batch into two micro-steps (a layout change: the trajectory is the same)."""
+    if not cfg.log.noise_scale or plan.world_size > 1 or plan.accumulation_steps > 1:
+        return plan
+    half = plan.global_batch_size // 2
+    g = plan.ghost_batch_size
+    if plan.global_batch_size % 2 or (g is not None and half % g):
+        say(env, f"log.noise_scale: B = {plan.global_batch_size} cannot be split into two micro-steps of whole "
+                 "ghost-BN groups at world size 1; the noise scale is not measured")
+        return plan
+    return make_batch_plan(plan.global_batch_size, 1, half, None, g)
+
+
+def channels_last(cfg: Config, model: torch.nn.Module, device: torch.device) -> bool:
+    """speed.channels_last, or by default: on CUDA, for models with 2-D convolutions."""
+    if cfg.speed.channels_last is not None:
+        return cfg.speed.channels_last
+    return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def build_engine(cfg: Config, model, optimizer, env, plan: BatchPlan) -> EngineBase:
     """The engine that turns micro-batches into optimizer steps: DDP (or one plain process), or DeepSpeed."""
-    if backend == "deepspeed":
+    if cfg.backend == "deepspeed":
         from harness.train.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, optimizer, plan, env.device, precision, grad_clip_norm, deepspeed_config_path)
-    return DDPEngine(model, optimizer, env.world_size, env.device, precision, grad_clip_norm)
+        engine = DeepSpeedEngine(model, optimizer, plan, env.device, cfg.precision, cfg.optim.grad_clip_norm,
+                                 cfg.deepspeed.config)
+    else:
+        engine = DDPEngine(model, optimizer, plan, env.device, cfg.precision, cfg.optim.grad_clip_norm)
+    if cfg.log.noise_scale and not engine.enable_noise_scale(cfg.log.noise_scale_decay):
+        say(env, f"log.noise_scale: {plan.describe()} has no batch smaller than B before a reduction "
+                 "(DeepSpeed needs 2+ micro-steps); the noise scale is not measured")
+    if cfg.speed.compile:
+        engine.compile()
+    return engine
 
 
 def resume(run: Run) -> None:
     """Continue from the newest readable checkpoint, if there is one."""
-    loaded = run.checkpoints.load_latest(run.env.device)
+    loaded = run.checkpoints.load_latest()
     if loaded is None:
         return
     payload, path = loaded
@@ -159,7 +196,8 @@ def announce(run: Run) -> None:
 def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
     """The optimizer steps from the current one to the end, a stop request or divergence: (status, diverged_at)."""
     env, cfg, plan, durations, state = run.env, run.cfg, run.plan, run.durations, run.state
-    stop = StopRequest(run.run_dir)
+    stop, flags = StopRequest(run.run_dir), distributed.StepFlags(env.world_size)
+    ledger = None
     bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (env.is_main and cfg.log.progress),
                unit="step", dynamic_ncols=True)
     last_save = time.time()
@@ -170,51 +208,66 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
             want_log = (step + 1) % cfg.log.every_steps == 0 or step + 1 == durations.total_steps
             t0 = time.perf_counter()
             stats, norms = train_step(run.engine, run.objective, run.data.train_micro_batches(step), plan, lr, want_log)
-            # Flags every rank must agree on: a stop request (any rank), a time-based checkpoint (rank 0's clock:
-            # saving may be collective, e.g. the language model's hidden state is gathered over ranks).
-            minutes_due = (env.is_main and cfg.checkpoint.every_minutes is not None
-                           and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
-            flags = stats.new_tensor([float(stop.requested()), float(minutes_due)])
-            stats = distributed.all_reduce_sum(torch.cat([stats, flags]))
-            train_stats = run.objective.summarize(stats[:-2].cpu())
-            state.train_seconds += time.perf_counter() - t0
+            stats = distributed.all_reduce_sum(stats)  # a device collective: the host does not wait for it
+            if ledger is None:
+                ledger = Ledger(durations.final_window_start, cfg.divergence.max_loss, stats[0], state.tail_loss_sum,
+                                state.tail_steps)
+            ledger.add(step, run.objective.loss(stats))
             state.step = step + 1
-            if step >= durations.final_window_start:
-                state.tail_loss_sum += train_stats["loss"]
-                state.tail_steps += 1
-            if record.diverged(train_stats["loss"], cfg.divergence.max_loss):
-                say(env, f"training loss {train_stats['loss']:.4g} at step {state.step}: diverged; stopping (exit 0, "
-                         "status diverged)")
-                return DIVERGED, state.step
+            # Agreed over ranks: a stop request (any rank) and a time-based checkpoint (rank 0's clock: saving may
+            # be collective, e.g. the language model's hidden state is gathered over ranks).
+            stopping, minutes_due = flags.exchange(stop.requested(), env.is_main and cfg.checkpoint.every_minutes is not None
+                                                   and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
+            final = state.step == durations.total_steps  # a stop requested at the end is just the end
+            eval_due = bool(durations.eval_every) and state.step % durations.eval_every == 0 and not final
+            ckpt_due = not final and (stopping or minutes_due or (bool(durations.checkpoint_every)
+                                                                   and state.step % durations.checkpoint_every == 0))
+            if want_log or eval_due or ckpt_due or final:
+                train_stats, norms, diverged_at = read_back(run, stats, norms, ledger)  # the only device sync
+                if diverged_at is not None:
+                    say(env, f"training loss diverged at step {diverged_at} (noticed at step {state.step}); stopping "
+                             "(exit 0, status diverged)")
+                    state.step = diverged_at
+                    return DIVERGED, diverged_at
+            state.train_seconds += time.perf_counter() - t0
             if want_log:
                 rate = examples_per_second(run)
                 log.write(record.progress_record(state.step, durations, train_stats, lr, eff, plan.global_batch_size, rate, norms))
                 bar.set_postfix(loss=f"{train_stats['loss']:.4f}", lr=f"{lr:.3g}", ex_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
-            if durations.eval_every and state.step % durations.eval_every == 0 and state.step < durations.total_steps:
+            if eval_due:
                 log.write({"step": state.step, **evaluate(run.engine, run.objective, run.data)})
-            if state.step == durations.total_steps:  # a stop requested at the end is just the end
-                break
-            stopping = stats[-2].item() > 0
-            if stopping or stats[-1].item() > 0 or (durations.checkpoint_every and state.step % durations.checkpoint_every == 0):
+            if ckpt_due:
                 save_checkpoint(run)
                 last_save = time.time()
-            if stopping:
+            if stopping and not final:
                 say(env, f"stop requested ({stop.signal_name or 'another rank'}): checkpoint saved at step {state.step}")
                 if env.is_main and (note := requeue_slurm_job()):
                     say(env, note)
                 return INTERRUPTED, None
     finally:
+        flags.close()
         bar.close()
         stop.restore()
     return COMPLETED, None
+
+
+def read_back(run: Run, stats: torch.Tensor, norms: dict, ledger: Ledger) -> tuple[dict, dict, int | None]:
+    """Copy the step's statistics, norms and the ledger to the host in one transfer: (train stats, norms as
+    floats, the first diverged step or None). Updates the run's final-loss window."""
+    names = list(norms)
+    flat = torch.cat([stats.double(), ledger.snapshot(), *(norms[k].double().reshape(1) for k in names)]).tolist()
+    n = len(stats)
+    first, run.state.tail_loss_sum, run.state.tail_steps = Ledger.unpack(*flat[n:n + 3])
+    train_stats = run.objective.summarize(torch.tensor(flat[:n], dtype=torch.float64))
+    return train_stats, dict(zip(names, flat[n + 3:])), first
 
 
 def train_step(engine, objective, micro_batches, plan, lr: float, want_norms: bool):
     """One optimizer step: accumulate the gradient of the global-batch mean over A micro-steps, then step."""
     stats = None
     for i, batch in enumerate(micro_batches):
-        s = engine.micro_step(objective, batch, plan.global_batch_size, last=i == plan.accumulation_steps - 1)
+        s = engine.micro_step(objective, batch, plan.global_batch_size, i)
         stats = s if stats is None else stats + s
     return stats, engine.step(lr, want_norms)
 
@@ -224,19 +277,20 @@ def examples_per_second(run: Run) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, objective, data) -> dict[str, float]:
-    """The test metric over the whole test split (each example once, shared over ranks), BN in eval mode."""
+def evaluate(engine, objective, data, split: str = "test") -> dict[str, float]:
+    """The test metric over the whole test split (each example once, shared over ranks), BN in eval mode;
+    split "train": the same over the training set (eval.train_loss)."""
     model = engine.module
     model.eval()
     stats = None
-    for batch in data.eval_batches():
+    for batch in data.eval_batches(split) if split != "test" else data.eval_batches():
         with engine.autocast():
             _, s = objective(model, batch)
         stats = s if stats is None else stats + s
     model.train()
     if stats is None:  # this rank's share is empty (more ranks than test examples)
         stats = torch.zeros(len(objective.stat_names), dtype=torch.float64, device=next(model.parameters()).device)
-    return {f"test_{k}": v for k, v in objective.summarize(distributed.all_reduce_sum(stats).cpu()).items()}
+    return {f"{split}_{k}": v for k, v in objective.summarize(distributed.all_reduce_sum(stats).cpu()).items()}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -253,12 +307,18 @@ def finish(run: Run, log: MetricsLog, status: str, diverged_at: int | None) -> d
     metrics = {}
     if status == COMPLETED:
         metrics = evaluate(run.engine, run.objective, run.data)
+        if run.cfg.eval.train_loss:
+            metrics.update({f"train_set_{k[len('train_'):]}": v for k, v in
+                            evaluate(run.engine, run.objective, run.data, "train").items()})
         log.write({"step": state.step, **metrics})
         if env.is_main:
             record.write_final(run.run_dir, run.engine.module.state_dict(), state.step, run.cfg)
+    extra = {}
+    if run.engine.noise is not None and status != INTERRUPTED:
+        extra = {k: float(v) for k, v in run.engine.noise.values().items()}
     result = record.result_record(status, state.step, run.durations, state.final_train_loss, run.objective, metrics,
                                   diverged_at, examples_per_second(run), state.wall_seconds + (time.time() - run.started),
-                                  run.parameters, run.plan, state.segments)
+                                  run.parameters, run.plan, state.segments, **extra)
     if status != INTERRUPTED and env.is_main:
         record.write_result(run.run_dir, result)
         say(env, f"{record.summary(result)}; result in {run.run_dir / 'result.json'}")
