@@ -20,18 +20,18 @@ from tests.conftest import ROOT, harness_env, run_harness, write_config
 SCRIPT = ROOT / "slurm" / "sweep_array.sh"
 
 
-def spec(tmp_path, digits, extra=""):
-    return write_config(tmp_path / "s.yaml", f"""
-name: slurmy
+def spec(tmp_path, digits, extra="", lrs="[0.1, 0.2]", steps=30, name="slurmy"):
+    return write_config(tmp_path / f"{name}.yaml", f"""
+name: {name}
 base:
   model: {{name: mlp, hidden: [16]}}
   data: {{name: digits, path: {digits}}}
-  budget: {{steps: 30}}
+  budget: {{steps: {steps}}}
   device: cpu
   log: {{every_steps: 10}}
 grid:
   batch.global_batch_size: [16, 32]
-  optim.effective_lr: [0.1, 0.2]
+  optim.effective_lr: {lrs}
   seed: [0, 1]
 select: {{k: 1, n: 2}}
 {extra}
@@ -218,21 +218,7 @@ def test_a_sweep_beyond_max_array_size_is_split_into_several_arrays(tmp_path, di
     every array it submits; in the end a resubmission runs nothing."""
     from tests.slurm_cluster import SlurmCluster
 
-    path = write_config(tmp_path / "s12.yaml", f"""
-name: split
-base:
-  model: {{name: mlp, hidden: [16]}}
-  data: {{name: digits, path: {digits_shards}}}
-  budget: {{steps: 20}}
-  device: cpu
-  log: {{every_steps: 10}}
-grid:
-  batch.global_batch_size: [16, 32]
-  optim.effective_lr: [0.1, 0.2, 0.4]
-  seed: [0, 1]
-select: {{k: 1, n: 2}}
-slurm: {{time: '00:20:00'}}
-""")
+    path = spec(tmp_path, digits_shards, "slurm: {time: '00:20:00'}", lrs="[0.1, 0.2, 0.4]", steps=20, name="split")
     sweep_dir = tmp_path / "sw"
     args = ("sweep", path, "--executor", "slurm", "--no-pack", "--max-parallel", "2", "--sweep-dir", sweep_dir)
     with SlurmCluster(nodes=1, config={"MaxArraySize": 5}) as cluster:
