@@ -39,7 +39,7 @@ def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, d
     from data_pipelines.memory import InMemoryImages
 
     return InMemoryImages(path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size,
-                          options.skip_bad_samples, task)
+                          options.skip_bad_samples, task, options.train_examples)
 
 
 def describe(name: str, path: str | None) -> tuple[DataSpec, str]:

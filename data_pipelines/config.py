@@ -9,6 +9,7 @@ from harness.core.configlib import non_negative, positive
 from harness.core.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "ptb", "imagenet")
+IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist")  # data_pipelines/memory.py reads these
 
 
 @dataclass
@@ -34,8 +35,16 @@ class DataConfig:
     gpu_decode: bool = False
     # Leave out unreadable samples and labels out of range (counted and logged) instead of stopping with an error.
     skip_bad_samples: bool = False
+    # Train on a fixed held-out split of the training set: its first N examples in a FIXED permutation that does
+    # not depend on the run's seed (data_pipelines/memory.py: held_out_split); the other examples are not read.
+    # Epochs count N examples. Unset: the whole training split. In-memory datasets only. Science: a run's id
+    # changes with it. The paper's MNIST budget, 156,250 steps = 200 epochs at B = 64, implies N = 50,000.
+    train_examples: Optional[int] = positive(None)
 
     def validate(self, path: str) -> None:
+        if self.train_examples is not None and self.name not in IN_MEMORY:
+            raise ConfigError(f"config key {path}.train_examples: only for the in-memory datasets "
+                              f"({', '.join(IN_MEMORY)}), not {self.name}; remove it")
         if self.eval_resize < self.image_size:
             raise ConfigError(f"config key {path}.eval_resize ({self.eval_resize}) must be >= {path}.image_size "
                               f"({self.image_size}): evaluation resizes, then center-crops image_size")
@@ -57,8 +66,21 @@ class ReaderOptions:
     eval_resize: int
     gpu_decode: bool
     skip_bad_samples: bool
+    train_examples: Optional[int] = None
 
     @classmethod
     def of(cls, data_config: DataConfig | None = None) -> "ReaderOptions":
         data_config = data_config or DataConfig(path="")
         return cls(**{f.name: getattr(data_config, f.name) for f in fields(cls)})
+
+
+def train_examples_of(data: dict, num_train: int) -> int:
+    """Training examples per epoch of a raw `data:` mapping whose training split has `num_train` examples
+    (sweep cost estimates, `harness plan`): `train_examples` if set, checked against the split."""
+    n = data.get("train_examples")
+    if n is None:
+        return num_train
+    if not 1 <= n <= num_train:
+        raise ConfigError(f"config key data.train_examples: {n} is not in 1 .. {num_train}, the training examples "
+                          f"of {data.get('name')} at {data.get('path')}; give at most {num_train}")
+    return n

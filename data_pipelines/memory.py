@@ -10,6 +10,13 @@ The uint8 images live on the training device, so cropping and normalization run 
 Training micro-batches are (inputs, targets, keys): keys are the examples' 64-bit (seed, epoch, index) keys
 as int64, for per-example dropout masks (models.dropout). Task "reconstruction" (the autoencoder): inputs
 scaled to [0, 1] (x / 255, no mean/std normalization) and targets = inputs.
+
+Held-out split (`data.train_examples: N`): the run trains on N of the split's examples, the first N of ONE
+permutation of the split drawn from a fixed seed (HOLDOUT_TAG and the split's size, never the run's seed), kept
+in key order: every run, seed and layout with the same N sees the same N examples, and N' > N contains them.
+The other examples are not read for anything (no validation set: the paper tunes on the test set, sec. 4);
+epochs, and so `budget.epochs`, count N examples. The MNIST configs use N = 50,000: the paper's 156,250 steps
+= 200 epochs at B = 64 (appendix D) imply a 50,000-example training set, i.e. 10,000 of MNIST's 60,000 held out.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ from data_pipelines.augment import PaddedImages, device_crop_flip_params
 from data_pipelines.order import DeviceOrder, ExampleOrder, device_example_keys
 from data_pipelines.shards import iter_samples, split_entry, verify_shards
 from data_pipelines.spec import DataSpec
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
 
 # (pad, flip) of each dataset's standard augmentation; pad 0 means none.
 AUGMENT = {"cifar10": (4, True), "cifar100": (4, True), "digits": (1, False), "mnist": (0, False)}
 IMAGE_EXTS = ("png", "jpg", "jpeg", "npy")
+HOLDOUT_TAG = 0x5EED_0003  # the held-out split's permutation seed (data_pipelines/order.py has the others)
+
+
+def held_out_split(num_examples: int, keep: int, where: str = "") -> np.ndarray:
+    """The indices (in key order) of the `keep` training examples a run with `data.train_examples: keep` uses:
+    the first `keep` of a permutation seeded by (HOLDOUT_TAG, num_examples) only."""
+    if not 1 <= keep <= num_examples:
+        raise ConfigError(f"config key data.train_examples: {keep} is not in 1 .. {num_examples}, the training "
+                          f"examples{where}; give at most {num_examples}")
+    perm = np.random.default_rng([HOLDOUT_TAG, num_examples]).permutation(num_examples)
+    return np.sort(perm[:keep])
 
 
 def _decode(sample: dict) -> np.ndarray:
@@ -120,7 +138,7 @@ def warn(text: str) -> None:
 
 class InMemoryImages:
     def __init__(self, path, manifest, plan, seed, rank, device, dtype, augment, eval_batch_size, skip_bad=False,
-                 task: str = "classification"):
+                 task: str = "classification", train_examples: int | None = None):
         root = Path(path)
         self.reconstruct = task == "reconstruction"
         self.kind = manifest["kind"]
@@ -129,6 +147,9 @@ class InMemoryImages:
         self.eval_batch_size = eval_batch_size
         self.pad, self.flip = AUGMENT.get(self.kind, (0, False)) if augment else (0, False)
         train_x, train_y = load_split(root, manifest, "train", skip_bad)
+        if train_examples is not None:  # the held-out split (module docstring)
+            keep = torch.from_numpy(held_out_split(len(train_y), train_examples, f" in {root}"))
+            train_x, train_y = train_x[keep].contiguous(), train_y[keep]
         self.train = PaddedImages(train_x.to(device), self.pad, self.flip)
         self.train_x, self.train_y = self.train.images, train_y.to(device)  # train_x: unpadded view
         self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test", skip_bad))

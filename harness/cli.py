@@ -59,6 +59,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def add_local_rank_arg(p: argparse.ArgumentParser, nested: bool = False) -> None:
+    """Accept the rank argument that launchers append: the deepspeed launcher runs `python -m harness
+    --local_rank=N train ...` (deepspeed/launcher/launch.py, unless --no_local_rank), torch.distributed.launch
+    `--local-rank=N` (older torch: `--local_rank`). LOCAL_RANK in the environment, which every launcher also
+    exports, wins; the argument only fills it in when missing (set_local_rank). Hidden from --help."""
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, metavar="N",
+                   default=argparse.SUPPRESS if nested else None, help=argparse.SUPPRESS)
+
+
+def set_local_rank(local_rank) -> None:
+    if local_rank is not None and not os.environ.get("LOCAL_RANK"):
+        os.environ["LOCAL_RANK"] = str(local_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli import add_parsers as add_data_parsers
     from harness.analysis.cli import add_parser as add_analyze_parser
@@ -67,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="harness", description="Large-batch SGD scaling harness (Smith, Elsen & De 2020).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_local_rank_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default: runs/<config>-<run id>); an existing one is resumed")
+    add_local_rank_arg(p, nested=True)  # also after `train` (a launcher that appends it to the script's args)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="print the batch plan, parameter count and budget without training")
@@ -89,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_local_rank(args.local_rank)
     try:
         code = args.func(args)
     except HarnessError as e:

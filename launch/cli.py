@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from harness.core.errors import HarnessError, LaunchError
+from harness.cli import add_local_rank_arg, set_local_rank
 from launch.core import LAUNCHERS, build_commands, local_gpu_count, quote, resolve_layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Python for the training processes (default: $HARNESS_PYTHON or this one)")
     p.add_argument("--dry-run", action="store_true", default=env.get("HARNESS_DRY_RUN", "") not in ("", "0"),
                    help="print the exact commands and start nothing (also: HARNESS_DRY_RUN=1)")
+    # A launcher that starts this entry appends its rank argument (`--local_rank=N`, `--local-rank=N`): accepted,
+    # used only to fill in a missing LOCAL_RANK (harness/cli.py).
+    add_local_rank_arg(p)
     p.add_argument("config", help="YAML config for harness train")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="more `harness train` arguments")
     return p
@@ -90,14 +94,15 @@ def check_plan(cfg, world_size: int) -> str:
 
 
 def with_run_dir(rest: list[str], run_dir: Path) -> list[str]:
-    """The pass-through args with --run-dir made absolute (or added)."""
+    """The pass-through args with --run-dir made absolute (or added), and without a launcher's --local_rank:
+    every training process gets its own LOCAL_RANK from the launcher started here."""
     out, i = [], 0
     while i < len(rest):
         a = rest[i]
-        if a == "--run-dir" and i + 1 < len(rest):
+        if a in ("--run-dir", "--local_rank", "--local-rank") and i + 1 < len(rest):
             i += 2
             continue
-        if a.startswith("--run-dir="):
+        if a.startswith(("--run-dir=", "--local_rank=", "--local-rank=")):
             i += 1
             continue
         out.append(a)
@@ -148,6 +153,7 @@ def _remove_own_stop(stop_file: Path, stale: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_local_rank(args.local_rank)
     try:
         cfg, run_dir = training_args(args.config, args.train_args)
         layout = resolve_layout(os.environ, launcher=args.launcher, nodes=args.nodes,

@@ -84,13 +84,17 @@ class SlurmCluster:
     gpus_per_node: GPUs each node declares as gres, backed by plain files (CUDA sees none), so scripts with
                    `#SBATCH --gpus-per-node=4` submit unchanged; `sbatch --gpus-per-node=1` then gives
                    SLURM_GPUS_ON_NODE=1, i.e. one training process per node. 0: no gres at all.
+    config:        more slurm.conf settings, e.g. {"MaxArraySize": 5} (array indices 0..4 only, as a site
+                   with a small limit has); a key given here replaces the default line of the same key.
     """
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 32, gpus_per_node: int = 4, memory_mb: int = 8000):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 32, gpus_per_node: int = 4, memory_mb: int = 8000,
+                 config: dict | None = None):
         self.nodes = [f"node{i + 1}" for i in range(nodes)]
         self.cpus_per_node = cpus_per_node
         self.gpus_per_node = gpus_per_node
         self.memory_mb = memory_mb
+        self.extra_config = dict(config or {})
         self.root: Path | None = None
         self.conf: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -168,6 +172,9 @@ class SlurmCluster:
             "MinJobAge=3600", "KillWait=10", "InactiveLimit=0", "SlurmctldTimeout=30", "SlurmdTimeout=60",
             "JobRequeue=1", "MailProg=/bin/true",
         ]
+        if self.extra_config:
+            lines = [line for line in lines if line.split("=", 1)[0] not in self.extra_config]
+            lines += [f"{key}={value}" for key, value in self.extra_config.items()]
         if self.gpus_per_node:
             # slurmd counts a GPU per device file; plain files stand in for /dev/nvidiaN (CUDA still sees none).
             (r / "dev").mkdir(mode=0o755)

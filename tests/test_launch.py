@@ -5,16 +5,20 @@ One config (WRN-10-1 with ghost BN over 16, fp32, B = 64 as 16 micro x 2 accum x
   rendezvous on 127.0.0.1, form one world of 2 (the backend: ddp reference);
 - backend: deepspeed under the deepspeed launcher (`deepspeed --num_gpus 2`) and under torchrun reaches the
   same final parameters (weights and ghost-BN running statistics) within 1e-6;
+- the raw DeepSpeed command a user types, `deepspeed --num_gpus 2 --module harness train CONFIG --run-dir D`
+  (each process gets `--local_rank=N` before `train`), reaches them too;
 - a TensorBoard server on the reference run directory serves its scalars over HTTP.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +94,26 @@ def test_deepspeed_matches_ddp(launcher, config, two_node_run, tmp_path):
     assert result["layout"] == ref["layout"] and result["test_accuracy"] == ref["test_accuracy"]
     assert abs(result["train_loss"] - ref["train_loss"]) < 1e-6
     # Every weight and every ghost-BN running statistic: the latter prove update_running_stats ran per step.
+    assert max_abs_diff(final_state(run), final_state(ref_run)) < 1e-6
+
+
+def test_raw_deepspeed_command_matches_ddp(config, two_node_run, tmp_path):
+    """No `python -m launch`: the deepspeed script itself, as DeepSpeed's docs write it. On this CPU-only machine
+    DeepSpeed selects its CPU accelerator (device_count() = NUMA nodes, >= 1), so --num_gpus 2 starts 2 gloo
+    processes. --master_port: a free one, so concurrent sessions on this machine do not collide on 29500."""
+    ref_run, _ = two_node_run
+    run = tmp_path / "raw-ds"
+    (port,) = free_ports(1)
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "harness", "train", str(config),
+           "--run-dir", str(run), "--set", "backend=deepspeed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=harness_env(OMP_NUM_THREADS=1), cwd=ROOT, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "'--local_rank=0', 'train'" in out and "'--local_rank=1', 'train'" in out  # what the launcher passed
+    result, ref = (json.loads((r / "result.json").read_text()) for r in (run, ref_run))
+    assert result["layout"] == ref["layout"] and result["layout"]["world_size"] == 2
+    assert abs(result["train_loss"] - ref["train_loss"]) < 1e-6
     assert max_abs_diff(final_state(run), final_state(ref_run)) < 1e-6
 
 

@@ -3,6 +3,7 @@ environments, the exact command lines, refusals, the generated DeepSpeed config 
 and the sbatch scripts' directives."""
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -244,3 +245,30 @@ def test_python_missing_is_a_clear_error(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "cifar10_wrn16_4.sh")], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 5 and "set HARNESS_PYTHON" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1", "train", "c.yaml"], ["--local-rank", "1", "train", "c.yaml"],
+                                  ["train", "c.yaml", "--local_rank=1"], ["train", "--local-rank=1", "c.yaml"]])
+def test_harness_accepts_a_launchers_local_rank(argv, monkeypatch):
+    """deepspeed's launcher runs `python -m harness --local_rank=N train ...`; torch.distributed.launch passes
+    `--local-rank=N` (older torch `--local_rank`). Accepted before or after `train`; it fills in LOCAL_RANK only
+    when the environment lacks it."""
+    from harness.cli import build_parser, set_local_rank
+
+    args = build_parser().parse_args(argv)
+    assert args.local_rank == 1 and args.config == "c.yaml"
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    set_local_rank(args.local_rank)
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # the launcher's environment wins
+    set_local_rank(args.local_rank)
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert build_parser().parse_args(["train", "c.yaml"]).local_rank is None
+
+
+def test_launch_accepts_and_drops_a_local_rank(tmp_path):
+    from launch.cli import build_parser, with_run_dir
+
+    assert build_parser().parse_args(["--local_rank=0", "c.yaml"]).local_rank == 0
+    rest = ["--set", "seed=1", "--local_rank=0", "--local-rank", "2", "--run-dir", "x"]
+    assert with_run_dir(rest, tmp_path) == ["--set", "seed=1", "--run-dir", str(tmp_path)]

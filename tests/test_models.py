@@ -41,14 +41,15 @@ def test_resnet50_is_torchvision_layout_with_ghost_bn():
         ref = resnet50()
     assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
     assert {type(m).__name__ for m in ours.modules()} & {"BatchNorm2d"} == set()
-    assert ours.layer1[0].bn1.ghost_batch_size == 32
+    assert ours.layer1[0].bn1.ghost_batch_size == 64  # the paper's ghost batch size (secs. 3.2, 4)
 
 
 def test_resnet_init_and_weight_decay_groups():
     torch.manual_seed(0)
     spec = KNOWN["cifar10"]
-    cfg = from_dict({"model": {"name": "resnet", "depth": 50, "width": 8, "no_bn_bias_decay": True},
+    cfg = from_dict({"model": {"name": "resnet", "depth": 50, "width": 8},
                      "data": {"name": "cifar10", "path": "/x"}, "budget": {"steps": 1}}).model
+    assert cfg.no_bn_decay and cfg.ghost_batch_size == 64  # Goyal et al. sec. 5.1; the paper's groups
     model = models.build_model(cfg, spec)
     assert all((b.bn3.weight == 0).all() for layer in (model.layer1, model.layer4) for b in layer)  # zero-init residual
     assert (model.bn1.weight == 1).all() and model.fc.weight.std() < 0.02
@@ -57,6 +58,16 @@ def test_resnet_init_and_weight_decay_groups():
     assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters() if "bn" in n or "downsample.1" in n
                                                    or n == "fc.bias"}
     assert len(param_groups(model, False)) == 1
+    # Goyal et al. exempt only BN gamma and beta: the classifier bias is the one 1-D parameter besides them,
+    # exempted too by param_groups (documented in models/resnet.py).
+    assert [n for n, p in model.named_parameters() if p.ndim <= 1 and not ("bn" in n or "downsample.1" in n)] == ["fc.bias"]
+
+
+def test_resnet_renamed_decay_key_is_a_one_line_error():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"model": {"name": "resnet", "no_bn_bias_decay": True}, "data": {"name": "cifar10", "path": "/x"},
+                   "budget": {"steps": 1}})
+    assert "model.no_bn_bias_decay (did you mean 'no_bn_decay'?)" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_wrn_skipinit_is_regularized_skipinit():
@@ -168,14 +179,14 @@ budget: {{steps: 2}}
 
 def test_resnet_tiny_trains(tmp_path, cifar_shards):
     run, result, records = train(tmp_path, "resnet", f"""
-model: {{name: resnet, depth: 18, width: 8, no_bn_bias_decay: true}}
+model: {{name: resnet, depth: 18, width: 8, no_bn_decay: true}}
 data: {{name: cifar10, path: {cifar_shards}}}
 batch: {{global_batch_size: 64}}
 optim: {{name: momentum, effective_lr: 0.5}}
 budget: {{steps: 3}}
 {LOG}
 """)
-    assert result["status"] == "completed" and result["layout"]["ghost_batch_size"] == 32
+    assert result["status"] == "completed" and result["layout"]["ghost_batch_size"] == 64
     assert result["test_metric"] == "test_accuracy" and 0 <= result["test_accuracy"] <= 100
     assert result["parameters"] == 177_362 and records[-1]["update_norm"] > 1e-6
 

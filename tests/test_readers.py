@@ -20,9 +20,9 @@ def memory_source(path, kind="cifar10", skip=False):
     return build_data(kind, path, True, 100, plan, 0, 0, CPU, torch.float32, options(skip=skip))
 
 
-def options(workers=0, resampled=False, skip=False, buffer=50):
+def options(workers=0, resampled=False, skip=False, buffer=50, train_examples=None):
     return ReaderOptions(workers=workers, shuffle_buffer=buffer, resampled=resampled, image_size=32, eval_resize=36,
-                         gpu_decode=False, skip_bad_samples=skip)
+                         gpu_decode=False, skip_bad_samples=skip, train_examples=train_examples)
 
 
 def stream(path, rank=0, world=1, workers=0, resampled=False, micro=16, accum=1, skip=False):
@@ -222,3 +222,69 @@ def test_reader_config_keys_are_strict():
                          ("data.eval_resize=200", "must be >= data.image_size"), ("data.shuffle_bufer=5", "shuffle_buffer")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["data.path=x", "budget.steps=1", bad])
+
+
+# --------------------------------------------------------------------------------------------- held-out split
+
+
+def test_train_examples_is_a_fixed_held_out_split(digits_shards):
+    """data.train_examples: N: the first N of one permutation drawn from a fixed seed, whatever the run's seed;
+    epochs count N examples; the rest is never read."""
+    from data_pipelines.memory import held_out_split
+
+    plan = make_batch_plan(64, 1, 64)
+    full = build_data("digits", digits_shards, False, 100, plan, 0, 0, CPU, torch.float32, options())
+    subsets = []
+    for seed in (0, 7):
+        src = build_data("digits", digits_shards, False, 100, plan, seed, 0, CPU, torch.float32,
+                         options(train_examples=1000))
+        assert src.spec.num_train == 1000 and len(src.train_y) == 1000 and src.spec.num_test == full.spec.num_test
+        subsets.append(src.train_x)
+        kept = held_out_split(full.spec.num_train, 1000)
+        assert torch.equal(src.train_x, full.train_x[torch.from_numpy(kept)])  # those examples, in key order
+        idx, _ = src.order.lookup(0, 2000)  # two epochs of the run's stream: only the N kept examples
+        assert sorted(set(idx.tolist())) == list(range(1000))
+    assert torch.equal(subsets[0], subsets[1])  # independent of the run seed
+    assert len(set(held_out_split(1347, 1000)) - set(held_out_split(1347, 1200))) == 0  # N' > N contains N
+    assert not np.array_equal(held_out_split(1347, 1000), np.arange(1000))  # a permutation, not the first keys
+
+
+def test_train_examples_validation_is_one_line(digits_shards):
+    from harness.core.errors import ConfigError
+    from harness.train.config import load_config
+
+    plan = make_batch_plan(64, 1, 64)
+    with pytest.raises(ConfigError) as e:
+        build_data("digits", digits_shards, False, 100, plan, 0, 0, CPU, torch.float32, options(train_examples=5000))
+    assert "data.train_examples: 5000 is not in 1 .. 1347" in str(e.value) and "\n" not in str(e.value)
+    for bad, message in [("data.train_examples=0", "must be > 0"),
+                         ("data.name=ptb", "train_examples: only for the in-memory datasets")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["data.path=x", "budget.steps=1", "data.train_examples=10", bad])
+
+
+def test_train_examples_is_science_and_sets_the_epoch(digits_shards):
+    """It is recorded in the resolved config and changes the run id (not a layout key); budget.epochs counts N."""
+    from harness.core.keys import run_id
+    from harness.core import configlib
+    from harness.sweep.cost import run_steps
+    from harness.train.config import load_config
+
+    base = [f"data.path={digits_shards}", "budget.epochs=2", "batch.global_batch_size=100"]
+    whole, held = (configlib.to_dict(load_config(None, base + extra)) for extra in ([], ["data.train_examples=1000"]))
+    assert held["data"]["train_examples"] == 1000 and whole["data"]["train_examples"] is None
+    assert run_id(whole) != run_id(held)
+    assert run_steps(held) == (20, 2.0) and run_steps(whole)[0] == 26  # 2 x 1000 / 100; 2 x 1347 // 100
+
+
+def test_a_run_on_a_held_out_split_trains_its_epochs_of_n(tmp_path, digits_shards):
+    import json
+
+    from tests.conftest import run_harness
+
+    run_harness("train", "yaml/digits_mlp.yaml", "--set", f"data.path={digits_shards}", "budget.steps=null",
+                "budget.epochs=1", "batch.global_batch_size=100", "data.train_examples=1000", "eval.every_steps=null",
+                "eval.every_epochs=null", "--run-dir", tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["steps"] == 10 and result["epochs"] == 1.0  # one epoch of the 1000 kept examples
+    assert "train_examples: 1000" in (tmp_path / "run" / "config.yaml").read_text()

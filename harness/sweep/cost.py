@@ -22,7 +22,10 @@ def run_steps(config: dict) -> tuple[int, float]:
     """(optimizer steps, epochs) of a run, from its budget and the dataset's size (manifest or standard)."""
     spec, _ = _describe_data(config["data"]["name"], config["data"]["path"])
     b = config["batch"]["global_batch_size"]
-    n = examples_per_epoch(spec.task, spec.num_train, b, _sequence_length(config["model"]))
+    from data_pipelines.config import train_examples_of
+
+    num_train = train_examples_of(config["data"], spec.num_train)  # data.train_examples: a held-out split
+    n = examples_per_epoch(spec.task, num_train, b, _sequence_length(config["model"]))
     steps = to_steps(config["budget"]["steps"], config["budget"]["epochs"], n, b)
     return steps.total_steps, steps.epochs
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from harness.core.errors import SweepError
 from harness.recipe.budget import budget_rule_of
 from harness.sweep.cost import data_source, run_steps
+from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
 from harness.sweep.state import entry, state_dir, status
 from harness.sweep.tasks import group_tasks
 
@@ -63,12 +65,22 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
         if executor == "slurm":
             slurm = sweep.spec.slurm
             tasks = group_tasks(todo, pack and not slurm.launched, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
-            lines.append(f"executor slurm: {len(tasks)} array tasks, at most {max_parallel or 16} at once "
-                         f"(sbatch --array=0-{len(tasks) - 1}%{max_parallel or 16} slurm/sweep_array.sh ...); "
-                         f"{slurm.describe()}")
+            lines += _slurm_arrays(len(tasks), max_parallel or 16, slurm)
         else:
             tasks = group_tasks(todo, pack, sweep.spec.executor.max_pack_runs, 1)
             packs = sum(len(t) > 1 for t in tasks)
             lines.append(f"executor local: {len(tasks)} tasks ({packs} packs of up to {sweep.spec.executor.max_pack_runs} runs) "
                          f"on {max_parallel or os.cpu_count()} workers")
     return "\n".join(lines)
+
+
+def _slurm_arrays(n_tasks: int, max_parallel: int, slurm) -> list[str]:
+    """How many job arrays the SLURM executor would submit, and why (the limits scontrol shows from here)."""
+    limits = read_limits(slurm.extra_args)
+    try:
+        arrays = plan_arrays(n_tasks, limits)
+    except SweepError as e:
+        return [f"executor slurm: {n_tasks} array tasks; {slurm.describe()}", f"  arrays: would be refused: {e}"]
+    shown = "; ".join(f"sbatch --array=0-{len(a) - 1}%{max_parallel}" for a in arrays[:3]) + ("; ..." if len(arrays) > 3 else "")
+    return [f"executor slurm: {n_tasks} array tasks, at most {max_parallel} at once ({shown} slurm/sweep_array.sh ...); "
+            f"{slurm.describe()}", f"  arrays: {describe_arrays(arrays, limits, max_parallel)}"]

@@ -1,5 +1,6 @@
-"""The SLURM executor: a sweep's tasks as one job array (slurm/sweep_array.sh runs `harness sweep-task TASK_FILE
-INDEX` per array task), and the array task's side."""
+"""The SLURM executor: a sweep's tasks as job arrays (slurm/sweep_array.sh runs `harness sweep-task TASK_FILE
+INDEX` per array task), and the array task's side. One array unless SLURM's limits (slurm_limits.py: MaxArraySize,
+submit limits) need several; then each has its own task file and starts when the one before has ended."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 from harness.core.errors import LaunchError, SweepError
 from harness.core.io import atomic_write_json, read_json
 from harness.core.paths import REPO_ROOT
+from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
 from harness.sweep.state import prepare, record_submission, state_dir, status
 from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
 
@@ -21,11 +23,13 @@ def array_script() -> Path:
     return REPO_ROOT / "slurm" / "sweep_array.sh"
 
 
-def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool, launch: Optional[dict] = None) -> Path:
-    """The array's task list; `launch` ({"nproc_per_node": P or None}) when each run starts through python -m launch."""
+def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool, launch: Optional[dict] = None,
+                    part: int = 0) -> Path:
+    """An array's task list (`part`: which array of this submission); `launch` ({"nproc_per_node": P or None}) when
+    each run starts through python -m launch."""
     directory = state_dir(sweep_dir) / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"tasks-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    path = directory / f"tasks-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{part}.json"
     atomic_write_json(path, {"sweep_dir": str(Path(sweep_dir).resolve()), "pack": pack, "launch": launch,
                              "tasks": tasks})
     return path
@@ -37,8 +41,9 @@ def launch_settings(slurm) -> Optional[dict]:
 
 
 def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: int, max_parallel: int, slurm,
-                   wait: bool) -> list[str]:
-    """`sbatch --array=0-(T-1)%P ... slurm/sweep_array.sh TASK_FILE`: at most P tasks run at once."""
+                   wait: bool, after: Optional[str] = None) -> list[str]:
+    """`sbatch --array=0-(T-1)%P ... slurm/sweep_array.sh TASK_FILE`: at most P tasks run at once; `after`: the
+    array (job id) this one waits for, whatever its end (afterany), so P also bounds the tasks of several arrays."""
     logs = state_dir(sweep_dir).resolve() / "slurm"
     cmd = ["sbatch", "--parsable", f"--array=0-{n_tasks - 1}%{max_parallel}", f"--job-name=sweep-{sweep_name}",
            f"--output={logs}/%A_%a.out", f"--time={slurm.time}",
@@ -51,14 +56,16 @@ def sbatch_command(sweep_name: str, sweep_dir: Path, task_file: Path, n_tasks: i
         if value is not None:
             cmd.append(f"{flag}={value}")
     cmd += list(slurm.extra_args)
+    if after:
+        cmd.append(f"--dependency=afterany:{after}")
     if wait:
         cmd.append("--wait")
     return cmd + [str(array_script()), str(task_file.resolve())]
 
 
-def submit_slurm(cmd: list[str], on_job: Optional[Callable[[str], None]] = None) -> str:
-    """Run sbatch; return the job id (`--parsable` prints it first, also under `--wait`, which then blocks
-    until the array ends and exits non-zero if a task failed)."""
+def start_sbatch(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start sbatch; return it and the job id (`--parsable` prints it first, also under `--wait`, which then
+    blocks until the array ends and exits non-zero if a task failed)."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
@@ -66,16 +73,53 @@ def submit_slurm(cmd: list[str], on_job: Optional[Callable[[str], None]] = None)
                           "use --executor local here") from None
     first = proc.stdout.readline().strip()
     job = first.split(";")[0] if first and first.split(";")[0].isdigit() else None
-    if job and on_job:
-        on_job(job)
-    out, err = proc.communicate()
     if job is None:
+        out, err = proc.communicate()
         msg = (err or first or out).strip().splitlines()
         raise LaunchError(f"sbatch failed (exit {proc.returncode}): {msg[-1] if msg else 'no message'}")
-    if proc.returncode != 0:
-        raise SweepError(f"job array {job} ended with failed tasks (sbatch --wait exit {proc.returncode}); their logs "
-                         "are in .sweep/slurm/ of the sweep directory; run the sweep again for what is missing")
-    return job
+    return proc, job
+
+
+def finish_sbatch(arrays: list[tuple[subprocess.Popen, str]]) -> None:
+    """Wait for the sbatch processes (each returns at once, or under --wait when its array has ended)."""
+    failed = []
+    for proc, job in arrays:
+        proc.communicate()
+        if proc.returncode != 0:
+            failed.append(job)
+    if failed:
+        raise SweepError(f"job array(s) {', '.join(failed)} ended with failed tasks (sbatch --wait exit non-zero); "
+                         "their logs are in .sweep/slurm/ of the sweep directory; run the sweep again for what is missing")
+
+
+def submit_arrays(sweep_dir: Path, name: str, tasks: list[list[dict]], arrays: list[range], pack: bool,
+                  launch: Optional[dict], max_parallel: int, slurm, wait: bool) -> list[str]:
+    """Submit each array (its own task file), each after the one before, and record it in submitted.jsonl as
+    soon as sbatch names it, so a parallel resubmission sees it; under `wait`, return when all have ended."""
+    started: list[tuple[subprocess.Popen, str]] = []
+    for part, indices in enumerate(arrays):
+        task_file = write_task_file(sweep_dir, [tasks[i] for i in indices], pack, launch, part)
+        cmd = sbatch_command(name, sweep_dir, task_file, len(indices), max_parallel, slurm, wait,
+                             after=started[-1][1] if started else None)
+        print("sweep: " + " ".join(cmd), flush=True)
+        try:
+            proc, job = start_sbatch(cmd)
+        except LaunchError as e:
+            if not started:
+                raise
+            raise LaunchError(f"{e}, for array {part + 1} of {len(arrays)}; arrays {', '.join(j for _, j in started)} "
+                              "were submitted before it and recorded: run the same command again after fixing this, "
+                              "it leaves their runs to them and submits the rest") from None
+        record_submission(sweep_dir, job, task_file)
+        started.append((proc, job))
+        print(f"sweep {name}: submitted job array {job}: {len(indices)} tasks, at most {max_parallel} at once"
+              + (f" (array {part + 1} of {len(arrays)})" if len(arrays) > 1 else ""), flush=True)
+        if not wait:
+            finish_sbatch([started[-1]])
+    if wait:
+        print(f"sweep {name}: waiting for {len(started)} job array(s) ({len(tasks)} tasks)", flush=True)
+        finish_sbatch(started)
+    return [job for _, job in started]
 
 
 def run_task_file(task_file: Path, index: int) -> list[Outcome]:
@@ -92,24 +136,23 @@ def run_task_file(task_file: Path, index: int) -> list[Outcome]:
 
 
 def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> int:
-    """Submit what is missing of a sweep (and not queued in an earlier array) as one SLURM job array."""
+    """Submit what is missing of a sweep (and not queued in an earlier array) as job arrays within SLURM's limits."""
     entries = prepare(sweep, sweep_dir)
     st = status(entries, sweep_dir)
-    launch = launch_settings(sweep.spec.slurm)
+    slurm = sweep.spec.slurm
+    launch = launch_settings(slurm)
     pack = pack and launch is None  # a launched run has processes of its own
-    tasks = group_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, sweep.spec.slurm.runs_per_task)
+    tasks = group_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:
         return 0
-    task_file = write_task_file(sweep_dir, tasks, pack, launch)
-    print(f"sweep: {sweep.spec.slurm.describe()}", flush=True)
-    cmd = sbatch_command(sweep.name, sweep_dir, task_file, len(tasks), max_parallel, sweep.spec.slurm, wait)
-    print("sweep: " + " ".join(cmd), flush=True)
-    if wait:  # sbatch --wait returns at the end; record the array first so a parallel resubmission sees it
-        print(f"sweep {sweep.name}: waiting for the job array ({len(tasks)} tasks, at most {max_parallel} at once)", flush=True)
-    job = submit_slurm(cmd, on_job=lambda j: record_submission(sweep_dir, j, task_file))
-    print(f"sweep {sweep.name}: submitted job array {job}: {len(tasks)} tasks, at most {max_parallel} at once; "
-          f"logs in {sweep_dir}/.sweep/slurm/; watch: squeue -j {job}; "
-          f"afterwards: harness analyze {sweep_dir} (run the same sweep command again to fill in what is missing)")
+    limits = read_limits(slurm.extra_args)
+    arrays = plan_arrays(len(tasks), limits)  # refuses, naming the limit, when even several arrays cannot fit
+    print(f"sweep: {describe_arrays(arrays, limits, max_parallel)}", flush=True)
+    print(f"sweep: {slurm.describe()}", flush=True)
+    jobs = submit_arrays(sweep_dir, sweep.name, tasks, arrays, pack, launch, max_parallel, slurm, wait)
+    print(f"sweep {sweep.name}: {len(jobs)} job array(s), {len(tasks)} tasks; logs in {sweep_dir}/.sweep/slurm/; "
+          f"watch: squeue -j {','.join(jobs)}; afterwards: harness analyze {sweep_dir} "
+          "(run the same sweep command again to fill in what is missing)")
     return 0
