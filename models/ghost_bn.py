@@ -147,6 +147,8 @@ def _per_example(t: torch.Tensor, g: int, like: torch.Tensor) -> torch.Tensor:
 class GhostBatchNorm(nn.Module):
     """Batch norm over groups of `ghost_batch_size` consecutive examples; any input (N, C, *)."""
 
+    normalizes = True  # a normalization layer: its gamma and beta may be exempt from weight decay (recipe.optim)
+
     def __init__(self, num_features: int, ghost_batch_size: int = 64, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features = num_features

@@ -28,8 +28,8 @@ class ModelConfig:
         """Tokens per stream per step for a language model (the LSTM's unroll), else None."""
         return None
 
-    def exclude_norm_and_bias_from_decay(self) -> bool:
-        """True: no weight decay on normalization parameters and biases (harness.recipe.optim.param_groups)."""
+    def exclude_norm_from_decay(self) -> bool:
+        """True: no weight decay on normalization parameters (harness.recipe.optim.param_groups)."""
         return False
 
 

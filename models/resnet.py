@@ -12,11 +12,9 @@ Initialisation as Goyal et al. describe it: He (fan-out) convolutions as torchvi
 the last BN gamma of each residual block 0 when `zero_init_residual` (every block starts as the identity),
 and the final 1000-way linear layer drawn from N(0, 0.01^2), zero bias (torchvision keeps nn.Linear's default).
 `no_bn_decay` (default true): no weight decay on the BN parameters, as Goyal et al. sec. 5.1 ("we do not apply
-weight decay on the learnable BN coefficients (namely, gamma and beta)"). The exclusion is made by
-harness.recipe.optim.param_groups, which exempts every parameter with at most one dimension: in this ResNet
-those are the BN gammas and betas plus the classifier's bias (1000 values, zero at initialisation), which
-Goyal et al. do not say they exempt. That bias is the one difference from their recipe. The key was called
-`no_bn_bias_decay` before; an old config gets a one-line error naming `no_bn_decay`.
+weight decay on the learnable BN coefficients (namely, gamma and beta)"): harness.recipe.optim.param_groups
+exempts exactly the normalization layers' parameters; the classifier's bias keeps its weight decay, as in their
+recipe. The key was called `no_bn_bias_decay` before; an old config gets a one-line error naming `no_bn_decay`.
 
 Tiny variant for tests: depth 18, width 8 (BasicBlocks; 32x32 images work: the stages end at 1x1).
 """
@@ -67,7 +65,7 @@ class ResNetConfig(ModelConfig):
     def ghost_group_size(self) -> int:
         return self.ghost_batch_size
 
-    def exclude_norm_and_bias_from_decay(self) -> bool:
+    def exclude_norm_from_decay(self) -> bool:
         return self.no_bn_decay
 
 

@@ -5,7 +5,7 @@ import pytest
 from harness.core import configlib
 from harness.core.errors import ConfigError
 from harness.train.config import Config, config_hash, from_dict, load_config, to_yaml
-from tests.conftest import run_harness, write_config
+from tests.conftest import ROOT, run_harness, write_config
 
 BASE = {"data": {"name": "cifar10", "path": "/data/c10"}, "budget": {"steps": 10}}
 
@@ -105,3 +105,16 @@ def test_malformed_yaml_is_a_config_error(tmp_path):
     path = write_config(tmp_path / "bad.yaml", "optim: {effective_lr: [1, 2\n")
     with pytest.raises(ConfigError, match="malformed YAML at line"):
         configlib.read_yaml(path)
+
+
+def test_run_ids_survive_new_keys_at_their_neutral_default():
+    """A resubmitted sweep must find the runs it finished before the harness grew a key: the ids of the paper's
+    configs are the ones the harness gave them before `data.train_examples` and `speed.*` existed."""
+    from harness.core.configlib import to_dict
+    from harness.core.keys import run_id
+
+    expected = {"digits_mlp": "9ed726d83d", "cifar10_wrn16_4": "3e862c6017", "ptb_lstm": "4dc42a8ef7"}
+    for name, rid in expected.items():
+        assert run_id(to_dict(load_config(ROOT / "yaml" / f"{name}.yaml"))) == rid, name
+    cfg = load_config(ROOT / "yaml" / "digits_mlp.yaml", ["data.train_examples=1000"])
+    assert run_id(to_dict(cfg)) != expected["digits_mlp"]  # used, the key is science

@@ -265,8 +265,8 @@ def test_train_examples_validation_is_one_line(digits_shards):
 
 def test_train_examples_is_science_and_sets_the_epoch(digits_shards):
     """It is recorded in the resolved config and changes the run id (not a layout key); budget.epochs counts N."""
-    from harness.core.keys import run_id
     from harness.core import configlib
+    from harness.core.keys import run_id
     from harness.sweep.cost import run_steps
     from harness.train.config import load_config
 

@@ -60,9 +60,15 @@ def is_layout_key(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in LAYOUT_KEYS)
 
 
+# Science keys added after sweeps had been run, with the value that means "as before": at that value they stay
+# out of the run id, so a resubmitted sweep still finds the runs it finished before the key existed.
+NEUTRAL_DEFAULTS = {"data.train_examples": None}
+
+
 def science(config: dict) -> dict:
     """The flattened resolved config without the layout keys: what makes a run this run."""
-    return {k: v for k, v in flatten(config).items() if not is_layout_key(k)}
+    return {k: v for k, v in flatten(config).items()
+            if not is_layout_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
 
 
 def run_id(config: dict) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from harness.core.errors import LaunchError, SweepError
 from harness.core.io import atomic_write_json, read_json

@@ -10,13 +10,18 @@ from harness.train.config import Config, durations_of, plan_of
 def describe_run(cfg: Config, world_size: int) -> tuple[dict, str]:
     """({world_size, micro_batch_size, accumulation_steps, global_batch_size, ghost_batch_size, parameters, model,
     steps, epochs, train_examples, data_source, examples_per_epoch}, the plan as arithmetic)."""
+    from dataclasses import replace
+
     import torch
 
     import models
     from data_pipelines import describe
+    from data_pipelines.config import train_examples_of
+    from harness.core.configlib import to_dict
 
     plan = plan_of(cfg, world_size)
     spec, source = describe(cfg.data.name, cfg.data.path)
+    spec = replace(spec, num_train=train_examples_of(to_dict(cfg.data), spec.num_train))  # data.train_examples
     durations = durations_of(cfg, spec)
     with torch.device("meta"):  # shapes only (ResNet-50, WRN-28-10 on a login node)
         n_params = models.count_parameters(models.build_model(cfg.model, spec))

@@ -111,7 +111,7 @@ def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
     # Ghost-BN groups that span ranks (m < G) normalize through their ranks' process group.
     ghost_bn.set_process_group(model, distributed.ghost_bn_group(plan.ranks_per_ghost_group))
     m = momentum_of(cfg.optim.name, cfg.optim.momentum)
-    optimizer = build_optimizer(param_groups(model, cfg.model.exclude_norm_and_bias_from_decay()), cfg.optim.name, m,
+    optimizer = build_optimizer(param_groups(model, cfg.model.exclude_norm_from_decay()), cfg.optim.name, m,
                                 cfg.optim.weight_decay, fused=cfg.speed.fused_optimizer)
     engine = build_engine(cfg, model, optimizer, env, plan)
     objective = objectives.for_task(data.spec.task)
