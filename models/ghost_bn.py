@@ -230,13 +230,19 @@ def update_running_stats(model: nn.Module) -> None:
     offset = 0
     for layer in layers:
         c = layer.num_features
-        acc = flat[offset : offset + 2 * c + 1]
+        fold_statistics(layer.running_mean, layer.running_var, flat[offset : offset + 2 * c + 1], layer.momentum)
         offset += 2 * c + 1
-        # Tensor arithmetic, no `if count > 0` on the host (a device sync per layer): a layer that saw no group this
-        # step (momentum 0 then) keeps its statistics.
-        count = acc[-1]
-        momentum = layer.momentum * (count > 0).to(acc.dtype)
-        total = count.clamp(min=1)
-        layer.running_mean.lerp_((acc[:c] / total).to(layer.running_mean.dtype), momentum.to(layer.running_mean.dtype))
-        layer.running_var.lerp_((acc[c : 2 * c] / total).to(layer.running_var.dtype), momentum.to(layer.running_var.dtype))
         layer.stat_accumulator.zero_()
+
+
+def fold_statistics(running_mean: torch.Tensor, running_var: torch.Tensor, acc: torch.Tensor, momentum: float) -> None:
+    """Move running statistics towards the mean of the groups in `acc` ([sum of means, sum of variances, count]
+    over the last dimension), in place. Works alike on one layer's (C,) statistics and on a pack's stacked (R, C)
+    ones. Tensor arithmetic, no `if count > 0` on the host (a device sync per layer): statistics that saw no group
+    this step (momentum 0 then) stay as they are."""
+    c = running_mean.shape[-1]
+    count = acc[..., -1:]
+    weight = (momentum * (count > 0).to(acc.dtype)).to(running_mean.dtype)
+    total = count.clamp(min=1)
+    running_mean.lerp_((acc[..., :c] / total).to(running_mean.dtype), weight)
+    running_var.lerp_((acc[..., c : 2 * c] / total).to(running_var.dtype), weight)

@@ -43,7 +43,9 @@ def test_pack_key_groups_runs_that_differ_only_in_lr_seed_optimizer(digits_shard
     c = to_dict(from_dict(config(digits_shards, "sgd", 0.5, 0, batch={"global_batch_size": 32})))
     assert pack_key(a) == pack_key(b) != pack_key(c)
     wrn = to_dict(from_dict({**config(digits_shards, "sgd", 0.5, 0), "model": {"name": "wrn", "depth": 10, "width": 1}}))
-    assert pack_key(wrn) is None  # batch norm: one run per process
+    assert pack_key(wrn) is not None and pack_key(wrn) != pack_key(a)  # conv nets with ghost BN pack too
+    clipped = to_dict(from_dict(config(digits_shards, "sgd", 0.5, 0, optim={"name": "sgd", "grad_clip_norm": 1.0})))
+    assert pack_key(clipped) is None  # gradient clipping: one run per process
 
 
 @pytest.mark.slow
@@ -86,3 +88,74 @@ def test_packed_runs_equal_harness_train(tmp_path, digits_shards):
     again = train_pack(cfgs, packed)
     assert [r["status"] for r in again] == [r["status"] for r in results]
     assert (packed[0] / "result.json").stat().st_mtime_ns == before
+
+
+FAMILIES = {  # (data fixture, model, B, largest micro-batch): every packable family, tiny
+    "wrn-ghost-bn": ("cifar_shards", {"name": "wrn", "depth": 10, "width": 1}, 128, 64),
+    "wrn-skipinit": ("cifar_shards", {"name": "wrn", "depth": 10, "width": 1, "norm": "skipinit", "dropout": 0.3}, 32, 16),
+    "resnet": ("cifar_shards", {"name": "resnet", "depth": 18, "width": 8}, 128, 64),
+    "autoencoder": ("digits_shards", {"name": "autoencoder", "widths": [16, 4], "sparse_init": 4}, 64, 32),
+}
+
+
+def family_config(shards, model, b, micro, opt, lr, seed, wd=5e-4, **extra):
+    return {"seed": seed, "precision": "fp64", "device": "cpu", "model": model,
+            "data": {"name": "cifar10" if "cifar" in str(shards) else "digits", "path": str(shards)},
+            "batch": {"global_batch_size": b, "max_micro_batch_size": micro},
+            "optim": {"name": opt, "effective_lr": lr, "weight_decay": wd}, "budget": {"steps": 6},
+            "eval": {"every_steps": 3}, "log": {"every_steps": 2, "progress": False, "tensorboard": False}, **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_conv_nets_and_autoencoder_equal_separate_runs(family, tmp_path, request):
+    """Each family as a pack of three runs (two seeds, SGD and Momentum, two weight decays) equals the same
+    runs trained one by one: final weights and BN statistics within 1e-10 in fp64, the same results and metrics."""
+    fixture, model, b, micro = FAMILIES[family]
+    shards = request.getfixturevalue(fixture)
+    runs = [("momentum", 0.05, 0, 5e-4), ("sgd", 0.1, 1, 5e-4), ("momentum", 0.02, 1, 1e-3)]
+    cfgs = [from_dict(family_config(shards, model, b, micro, *r)) for r in runs]
+    results = train_pack(cfgs, [tmp_path / f"packed{i}" for i in range(3)])
+    assert all(r["status"] == "completed" and r["packed_runs"] == 3 for r in results)
+    for i, cfg in enumerate(cfgs):
+        ref = train(cfg, tmp_path / f"alone{i}")
+        got = results[i]
+        assert got["test_metric"] == ref["test_metric"] and got["steps"] == ref["steps"] == 6
+        metric = ref["test_metric"]
+        assert abs(got[metric] - ref[metric]) < 1e-8 and abs(got["train_loss"] - ref["train_loss"]) < 1e-10
+        assert max_abs_diff(final_state(tmp_path / f"packed{i}"), final_state(tmp_path / f"alone{i}")) < 1e-10
+        mine = [json.loads(line) for line in (tmp_path / f"packed{i}" / "metrics.jsonl").read_text().splitlines()]
+        theirs = [json.loads(line) for line in (tmp_path / f"alone{i}" / "metrics.jsonl").read_text().splitlines()]
+        assert [sorted(m) for m in mine] == [sorted(t) for t in theirs]
+        for m, t in zip(mine, theirs):
+            for key, value in t.items():
+                if key != "examples_per_second":
+                    assert math.isclose(m[key], value, rel_tol=1e-8, abs_tol=1e-10), (family, key, m[key], value)
+
+
+@pytest.mark.slow
+def test_an_interrupted_pack_resumes_from_its_checkpoints_packed_or_alone(tmp_path, cifar_shards):
+    """A pack stopped after step 4 checkpoints there (besides its periodic one at step 3) and resumes: packed, or as
+    a plain `harness train` run
+    (the checkpoints are in the trainer's format); both end where an uninterrupted run ends (1e-10, fp64)."""
+    fixture, model, b, micro = FAMILIES["wrn-ghost-bn"]
+    runs = [("momentum", 0.05, 0, 5e-4), ("sgd", 0.1, 1, 5e-4)]
+    cfgs = [from_dict(family_config(cifar_shards, model, b, micro, *r, checkpoint={"every_steps": 3}))
+            for r in runs]
+    dirs = [tmp_path / f"p{i}" for i in range(2)]
+    calls = {"n": 0}
+
+    def stop_after_four_steps():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    assert train_pack(cfgs, dirs, stop=stop_after_four_steps) == [None, None]
+    assert all((d / "checkpoints" / f"step-0000000{s}.pt").is_file() for d in dirs for s in (3, 4))
+    assert not any((d / "result.json").exists() for d in dirs)
+    resumed = train_pack(cfgs[:1], dirs[:1])  # packed (a pack of one)
+    alone = train(cfgs[1], dirs[1])  # the plain trainer, from the pack's checkpoint
+    assert resumed[0]["status"] == alone["status"] == "completed"
+    assert [s["from_step"] for s in alone["segments"]] == [0, 4]
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"ref{i}")
+        assert max_abs_diff(final_state(dirs[i]), final_state(tmp_path / f"ref{i}")) < 1e-10

@@ -306,3 +306,20 @@ def test_demo_command_runs_the_study_path_end_to_end(tmp_path, digits_shards):
     assert f"tensorboard --logdir {sweep_dir}" in out
     assert (sweep_dir / "analysis" / "batch_size.png").is_file() and (sweep_dir / "analysis" / "table.csv").is_file()
     assert len(results(sweep_dir)) == 24
+
+
+def test_local_workers_take_one_device_each(monkeypatch):
+    """Worker k of the local pool trains on GPU k mod (visible GPUs), not all on cuda:0."""
+    import multiprocessing
+
+    from harness.sweep.local import assign_device
+
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    seen = []
+    for _ in range(5):
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        assign_device(counter, 4)
+        seen.append(os.environ["LOCAL_RANK"])
+    assert seen == ["0", "1", "2", "3", "0"]
+    assign_device(counter, 0)  # no GPU: the CPU, LOCAL_RANK 0
+    assert os.environ["LOCAL_RANK"] == "0"

@@ -35,19 +35,24 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def param_groups(model, exclude_norm: bool) -> list[dict]:
-    """The optimizer's parameter groups. With `exclude_norm`, the parameters of normalization layers (batch-norm
-    gammas and betas: torch's norm layers and any module marking itself `normalizes = True`, as GhostBatchNorm
-    does) get weight_decay 0, as Goyal et al. 2017 sec. 5.1 ("we do not apply weight decay on the learnable BN
-    coefficients"); biases of other layers keep it. Otherwise one group: weight decay on everything, as the
-    paper's L2 (sec. 4)."""
+def norm_parameters(model) -> set[int]:
+    """ids of the parameters of normalization layers (batch-norm gammas and betas: torch's norm layers and any
+    module marking itself `normalizes = True`, as GhostBatchNorm does)."""
     import torch.nn as nn
 
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return {id(p) for m in model.modules() if isinstance(m, norms) or getattr(m, "normalizes", False)
+            for p in m.parameters(recurse=False)}
+
+
+def param_groups(model, exclude_norm: bool) -> list[dict]:
+    """The optimizer's parameter groups. With `exclude_norm`, the normalization layers' parameters get
+    weight_decay 0, as Goyal et al. 2017 sec. 5.1 ("we do not apply weight decay on the learnable BN
+    coefficients"); biases of other layers keep it. Otherwise one group: weight decay on everything, as the
+    paper's L2 (sec. 4)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not exclude_norm:
         return [{"params": params}]
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    exempt = {id(p) for m in model.modules() if isinstance(m, norms) or getattr(m, "normalizes", False)
-              for p in m.parameters(recurse=False)}
+    exempt = norm_parameters(model)
     return [{"params": [p for p in params if id(p) not in exempt]},
             {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]

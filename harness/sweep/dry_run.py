@@ -64,12 +64,12 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
     if todo:
         if executor == "slurm":
             slurm = sweep.spec.slurm
-            tasks = group_tasks(todo, pack and not slurm.launched, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
+            tasks = group_tasks(todo, pack and not slurm.launched, sweep.spec.executor.pack_size, slurm.runs_per_task)
             lines += _slurm_arrays(len(tasks), max_parallel or 16, slurm)
         else:
-            tasks = group_tasks(todo, pack, sweep.spec.executor.max_pack_runs, 1)
+            tasks = group_tasks(todo, pack, sweep.spec.executor.pack_size, 1)
             packs = sum(len(t) > 1 for t in tasks)
-            lines.append(f"executor local: {len(tasks)} tasks ({packs} packs of up to {sweep.spec.executor.max_pack_runs} runs) "
+            lines.append(f"executor local: {len(tasks)} tasks ({packs} packs of up to {sweep.spec.executor.pack_size(runs[0].config['model']['name'])} runs) "
                          f"on {max_parallel or os.cpu_count()} workers")
     return "\n".join(lines)
 

@@ -24,16 +24,27 @@ from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
 _WORKER_SIGNALS: Optional[TaskSignals] = None
 
 
-def _init_worker(threads: int, pids) -> None:
+def _init_worker(threads: int, pids, counter) -> None:
     global _WORKER_SIGNALS
     import torch
 
+    assign_device(counter, torch.cuda.device_count())
     if threads:
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     _WORKER_SIGNALS = TaskSignals()  # SIGUSR1 from the parent: stop after the run in progress (checkpointed)
     _WORKER_SIGNALS.install()
     pids.put(os.getpid())
+
+
+def assign_device(counter, devices: int) -> int:
+    """Worker k of the pool trains on GPU k mod (visible GPUs): LOCAL_RANK, as a launched rank's (the trainer
+    picks cuda:LOCAL_RANK). Without it every worker would train on cuda:0."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    os.environ["LOCAL_RANK"] = str(index % max(1, devices))
+    return index
 
 
 def _worker(sweep_dir: str, task: list[dict], pack: bool) -> list[Outcome]:
@@ -107,7 +118,8 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, pids)) as pool:
+        counter = ctx.Value("i", 0)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, pids, counter)) as pool:
             futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
             try:
                 for future in as_completed(futures):
@@ -160,7 +172,7 @@ def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bo
     started = time.time()
     entries = prepare(sweep, sweep_dir)
     st = status(entries, sweep_dir)
-    tasks = group_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, 1)
+    tasks = group_tasks(st.missing, pack, sweep.spec.executor.pack_size, 1)
     packs = sum(len(t) > 1 for t in tasks)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running elsewhere, {len(st.missing)} to run"

@@ -142,7 +142,7 @@ def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bo
     slurm = sweep.spec.slurm
     launch = launch_settings(slurm)
     pack = pack and launch is None  # a launched run has processes of its own
-    tasks = group_tasks(st.missing, pack, sweep.spec.executor.max_pack_runs, slurm.runs_per_task)
+    tasks = group_tasks(st.missing, pack, sweep.spec.executor.pack_size, slurm.runs_per_task)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:

@@ -44,10 +44,15 @@ class CostSpec:
 
 @dataclass
 class ExecutorSpec:
-    # Train runs that differ only in lr / seed / optimizer as one batched model in one process
-    # (harness/train/packed.py; models without batch norm or dropout: mlp). Results are the same as one by one.
+    # Train runs that differ only in lr / seed / weight decay / optimizer as one batched model on one device
+    # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder). Results equal those run one by one.
     pack: bool = True
-    max_pack_runs: int = positive(128)
+    # Runs per pack (unset: 128 for the MLP, 8 for the other families: a pack of 8 WRN-16-4 runs at B = 128
+    # is one B = 1024 forward in memory). Lower it when a pack does not fit the device.
+    max_pack_runs: Optional[int] = positive(None)
+
+    def pack_size(self, model_name: str) -> int:
+        return self.max_pack_runs or (128 if model_name == "mlp" else 8)
 
 
 @dataclass

@@ -27,8 +27,9 @@ from harness.sweep.locks import RunLocks, describe
 from harness.sweep.state import is_finished, locks_for, result_of, state_dir
 
 
-def group_tasks(entries: list[dict], pack: bool, max_pack: int, runs_per_task: int) -> list[list[dict]]:
-    """Group runs into tasks: packs of runs that may train as one model, else `runs_per_task` per task.
+def group_tasks(entries: list[dict], pack: bool, max_pack, runs_per_task: int) -> list[list[dict]]:
+    """Group runs into tasks: packs of runs that may train as one model (at most `max_pack`, a number or a
+    function of the model family), else `runs_per_task` per task.
     Largest tasks first, so a pool of workers ends together."""
     from harness.train.packed import pack_key
 
@@ -41,7 +42,8 @@ def group_tasks(entries: list[dict], pack: bool, max_pack: int, runs_per_task: i
         else:
             packs.setdefault(key, []).append(e)
     for group in packs.values():
-        tasks += [group[i:i + max_pack] for i in range(0, len(group), max_pack)]
+        size = max_pack(group[0]["config"]["model"]["name"]) if callable(max_pack) else max_pack
+        tasks += [group[i:i + size] for i in range(0, len(group), size)]
     tasks += [singles[i:i + runs_per_task] for i in range(0, len(singles), runs_per_task)]
     return sorted(tasks, key=_task_cost, reverse=True)
 

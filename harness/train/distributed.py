@@ -112,29 +112,18 @@ class StepFlags:
     rank 0's clock), exchanged without touching the training device: reading a device all-reduce back to the
     host would make every step wait for the GPU.
 
-    At world size 1 the flags are used as they are. Across ranks they travel in a CPU all-reduce over a gloo
-    group of their own, posted asynchronously at the end of step s and collected at the end of step s + 1 (by
-    then long done), so every rank acts on them at the same step, one step after they were raised.
+    At world size 1 the flags are used as they are. Across ranks they travel in a CPU all-reduce over a gloo group
+    of their own: the host waits for the other hosts (a network round trip, tens to hundreds of microseconds),
+    never for its device, which keeps running the kernels already queued.
     """
 
     def __init__(self, world_size: int):
         self.group = dist.new_group(backend="gloo") if world_size > 1 else None
-        self.pending: tuple | None = None
 
     def exchange(self, stop: bool, checkpoint: bool) -> tuple[bool, bool]:
-        """Post this step's flags; return the agreed (stop, checkpoint) to act on now."""
+        """This step's (stop, checkpoint), agreed over the ranks: True if any rank raised it."""
         if self.group is None:
             return stop, checkpoint
         flags = torch.tensor([int(stop), int(checkpoint)], dtype=torch.int32)
-        work = dist.all_reduce(flags, group=self.group, async_op=True)
-        previous, self.pending = self.pending, (work, flags)
-        if previous is None:
-            return False, False
-        previous[0].wait()
-        return bool(previous[1][0] > 0), bool(previous[1][1] > 0)
-
-    def close(self) -> None:
-        """Finish the last posted exchange (every rank posted it) before the process group goes away."""
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
+        dist.all_reduce(flags, group=self.group)
+        return bool(flags[0] > 0), bool(flags[1] > 0)

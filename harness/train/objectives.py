@@ -36,8 +36,8 @@ class Objective:
 
     def loss(self, stats: torch.Tensor) -> torch.Tensor:
         """The mean loss of a (summed) stats vector, on its device: what the divergence check and the final-loss
-        window use without reading the value back to the host."""
-        return stats[0] / stats[self.loss_count_index]
+        window use without reading the value back to the host. Stats of a pack, (runs, k): one loss per run."""
+        return stats[..., 0] / stats[..., self.loss_count_index]
 
     def train_summary(self, train_loss: float | None) -> dict[str, float]:
         return {}

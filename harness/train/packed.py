@@ -1,21 +1,27 @@
-"""Packed runs: many small runs that differ only in learning rate, seed or optimizer, trained together as
-ONE batched model in one process, each into its own ordinary run directory.
+"""Packed runs: runs that differ only in learning rate, seed, weight decay or optimizer (same model, data, B and
+budget) trained together as ONE batched model on one device (packed_model.py: torch.func.vmap over stacked
+parameters), each into its own ordinary run directory.
 
-Why: a digits MLP step takes microseconds; one process per run pays 2-3 s of start-up, and one tiny model
-at a time leaves the cores idle. Stacking R runs' weights on a leading dimension turns R small matrix
-products into one batched product (torch.baddbmm) and R optimizer updates into a few vector operations.
+Why: a small run cannot fill a device. The paper's small-batch cells (B <= 512 in figs. 1, 5, 6 and table 3) are
+Wide-ResNet runs that leave an H200 mostly idle one at a time, and a digits MLP step takes microseconds. Packing
+turns R small models into one wide one (grouped convolutions, batched products) and R optimizer updates into a
+few vector operations.
 
-What stays the same as `harness.train.trainer.train` for each run (tests/test_packed.py checks it in fp64):
+What stays the same as `harness.train.trainer.train` for each run (tests/test_packed.py checks every family in
+fp64 against separate runs, within 1e-10):
 - initial weights: torch.manual_seed(seed) then the model builder, exactly as the trainer;
 - data: global batch i is stream positions [iB, (i+1)B) of the run's own order (the reader's `stream` with the
-  run's seed), with per-example keyed augmentation, cut into the same micro-batches;
-- the loss: each micro-batch's loss sum / B, accumulated (eq. 1); the run's own schedule (recipe.schedule);
-- the update of torch.optim.SGD (dampening 0, no Nesterov): g += wd w; buf = m buf + g (buf = g at the
-  first step); w -= lr buf, with each run's own lr, m and wd as vectors over the run dimension;
-- everything a run records (harness/train/record.py): metrics records, the final-loss window, divergence,
-  final.pt and result.json, plus `packed_runs`; metrics.jsonl and tb/ through the same MetricsLog.
-What differs: floating-point rounding (batched kernels; fused multiply-adds), last bits in fp64. A packed
-run writes no mid-run checkpoints: an interrupted pack starts again from step 0 (packs are small).
+  run's seed), with its per-example augmentation and dropout keys, cut into the same micro-batches;
+- the loss: each micro-batch's loss sum / B, accumulated (eq. 1); ghost-BN groups and running statistics per run;
+  the run's own schedule (recipe.schedule);
+- the update of torch.optim.SGD (dampening 0, no Nesterov): g += wd w; buf = m buf + g (buf = g at the first
+  step); w -= lr buf, with each run's own lr, m and wd (0 on normalization parameters where the model says so);
+- everything a run records (record.py: metrics records, the final-loss window, divergence through the same
+  Ledger, final.pt, result.json plus `packed_runs`), its metrics.jsonl and tb/, and checkpoints in the trainer's
+  format, so an interrupted pack resumes (packed or run by run) from its last checkpoint.
+What differs: floating-point rounding (batched kernels), the last bits in fp64. Not packed: the LSTM (torch's
+LSTM kernel has no vmap batching rule, and its carried hidden state is per run), gradient clipping, bf16,
+DeepSpeed, the noise scale and torch.compile: such runs train one by one.
 """
 
 from __future__ import annotations
@@ -23,12 +29,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import models
 from data_pipelines import ReaderOptions, build_data
@@ -39,16 +44,18 @@ from harness.core.keys import flatten
 from harness.core.status import COMPLETED, DIVERGED
 from harness.recipe.optim import momentum_of, torch_lr
 from harness.recipe.schedule import Schedule
-from harness.train import distributed, objectives, provenance, record
+from harness.train import distributed, numerics, objectives, provenance, record
+from harness.train.checkpoint import Checkpointer, rng_state
 from harness.train.config import Config, durations_of, plan_of, to_yaml
 from harness.train.metrics_log import MetricsLog
+from harness.train.packed_model import PackedModel
+from harness.train.record import Ledger, TrainState
 from harness.train.trainer import DTYPES
 
 # Keys in which the runs of one pack may differ; everything else must be equal.
 PACK_KEYS = ("seed", "optim.name", "optim.momentum", "optim.effective_lr", "optim.weight_decay",
              "schedule.final_lr", "schedule.decay_factor")
-# Families whose model is a plain Sequential of Flatten / Linear / ReLU (no batch norm, no dropout).
-PACKABLE_MODELS = ("mlp",)
+PACKABLE_MODELS = ("mlp", "wrn", "resnet", "autoencoder")
 
 
 def pack_key(config: dict) -> Optional[str]:
@@ -62,108 +69,25 @@ def pack_key(config: dict) -> Optional[str]:
 def unpackable_reason(config: dict) -> str:
     if config["model"]["name"] not in PACKABLE_MODELS:
         return f"model {config['model']['name']} is not packable (only {', '.join(PACKABLE_MODELS)})"
+    if config["data"]["name"] in ("ptb", "imagenet"):
+        return f"data {config['data']['name']} is not held in memory"
     if config["optim"].get("grad_clip_norm") is not None:
         return "gradient clipping"
     if config["precision"] not in ("fp32", "fp64") or config["backend"] != "ddp":
-        return "precision bf16 or backend deepspeed"
+        return "precision bf16/tf32 or backend deepspeed"
+    if config.get("log", {}).get("noise_scale") or config.get("speed", {}).get("compile"):
+        return "log.noise_scale or speed.compile"
     return ""
 
 
 class NotPackable(ConfigError):
-    """The model is not a plain Sequential of Flatten/Linear/ReLU: its runs train one by one instead."""
-
-
-class BatchedSequential:
-    """R copies of a Sequential(Flatten | Linear | ReLU ...) as stacked parameters. Linear weights are stored
-    transposed, (R, in, out), so the forward pass is one torch.baddbmm per layer without a transpose."""
-
-    def __init__(self, template: nn.Module, states: list[dict[str, torch.Tensor]]):
-        if not isinstance(template, nn.Sequential):
-            raise NotPackable(f"packed runs need an nn.Sequential model, got {type(template).__name__}")
-        for module in template:
-            if not isinstance(module, (nn.Flatten, nn.Linear, nn.ReLU)):
-                raise NotPackable(f"packed runs need a Sequential of Flatten/Linear/ReLU; found {type(module).__name__}")
-            if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-                raise NotPackable("packed runs need nn.Flatten() with its default dimensions")
-        if list(template.buffers()):
-            raise NotPackable("packed runs need a model without buffers (batch norm running statistics)")
-        self.template = template
-        self.names = [name for name, _ in template.named_parameters()]
-        self.params = {}
-        for n in self.names:
-            stacked = torch.stack([s[n].detach() for s in states])
-            if n.endswith("weight"):
-                stacked = stacked.transpose(1, 2).contiguous()
-            elif n.endswith("bias"):
-                stacked = stacked.unsqueeze(1)
-            self.params[n] = stacked.requires_grad_()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (R, b, *in_shape) -> logits (R, b, classes)."""
-        h = x
-        for i, module in enumerate(self.template):
-            if isinstance(module, nn.Flatten):
-                h = h.flatten(2)
-            elif isinstance(module, nn.Linear):
-                w, b = self.params[f"{i}.weight"], self.params.get(f"{i}.bias")
-                h = torch.baddbmm(b, h, w) if b is not None else torch.bmm(h, w)
-            else:
-                h = torch.relu(h)
-        return h
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.params[n] for n in self.names]
-
-    def state_dict(self, r: int) -> dict[str, torch.Tensor]:
-        """Run r's parameters with the template's names and shapes (weight (out, in), bias (out,))."""
-        out = {}
-        for n in self.names:
-            t = self.params[n][r].detach()
-            out[n] = (t.t() if n.endswith("weight") else t.squeeze(0)).contiguous().clone()
-        return out
-
-
-def _per_run(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """A (R, 1, 1, ...) tensor broadcasting against a stacked parameter."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
-
-
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-run L2 norm over all tensors (R,), in float64."""
-    total = sum(t.detach().double().pow(2).flatten(1).sum(1) for t in tensors)
-    return total.sqrt()
-
-
-class _Streams:
-    """Each distinct seed's training stream (the reader's `stream`), produced in chunks of steps (bounded
-    memory) and indexed per run."""
-
-    def __init__(self, data, seeds: list[int], batch: int, total_steps: int, budget_elems: int = 1 << 23):
-        self.data, self.batch, self.total = data, batch, total_steps
-        self.seeds = sorted(set(seeds))
-        self.set_runs(seeds)
-        per_step = batch * max(1, data.train_x[0].numel())
-        self.chunk = max(1, budget_elems // (per_step * len(self.seeds)))
-        self.lo = self.hi = 0
-        self.x = self.y = None
-
-    def set_runs(self, seeds: list[int]) -> None:
-        self.run_index = torch.tensor([self.seeds.index(s) for s in seeds], device=self.data.device)
-
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.lo <= step < self.hi:
-            self.lo, self.hi = step, min(self.total, step + self.chunk)
-            parts = [self.data.stream(self.lo * self.batch, self.hi * self.batch, s) for s in self.seeds]
-            self.x = torch.stack([p[0] for p in parts]).unflatten(1, (self.hi - self.lo, self.batch))
-            self.y = torch.stack([p[1] for p in parts]).unflatten(1, (self.hi - self.lo, self.batch))
-        i = step - self.lo
-        return self.x[:, i].index_select(0, self.run_index), self.y[:, i].index_select(0, self.run_index)
+    """These runs cannot train as one batched model: they train one by one instead."""
 
 
 def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable[[], bool]] = None,
                on_result: Optional[Callable[[int, dict], None]] = None) -> list[Optional[dict]]:
     """Train runs that share everything but PACK_KEYS as one batched model; return each run's result
-    (None for a run left unfinished because `stop()` turned true)."""
+    (None for a run left unfinished because `stop()` turned true: it checkpointed)."""
     started = time.time()
     keys = {pack_key(configlib.to_dict(c)) for c in cfgs}
     if None in keys or len(keys) != 1:
@@ -175,15 +99,45 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
     todo = [i for i, r in enumerate(results) if r is None]
     if not todo:
         return results
-    pack = Pack([cfgs[i] for i in todo], [Path(run_dirs[i]) for i in todo], env, started)
 
     def finished(r: int, result: dict) -> None:
         results[todo[r]] = result
         if on_result:
             on_result(todo[r], result)
 
-    pack.train(stop, finished)
+    Pack([cfgs[i] for i in todo], [Path(run_dirs[i]) for i in todo], env, started).train(stop, finished)
     return results
+
+
+def _per_run(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """A (R, 1, 1, ...) tensor broadcasting against a stacked parameter."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-run L2 norm over all tensors (R,), in float64."""
+    return sum(t.detach().double().pow(2).reshape(len(t), -1).sum(1) for t in tensors).sqrt()
+
+
+class _Streams:
+    """Each distinct seed's training stream (the reader's `stream`: inputs, targets, keys), produced in chunks of
+    steps (bounded memory) and indexed per run."""
+
+    def __init__(self, data, seeds: list[int], batch: int, total_steps: int, budget_elems: int = 1 << 23):
+        self.data, self.batch, self.total = data, batch, total_steps
+        self.seeds = sorted(set(seeds))
+        self.run_index = torch.tensor([self.seeds.index(s) for s in seeds], device=data.device)
+        self.chunk = max(1, budget_elems // (batch * max(1, data.train_x[0].numel()) * len(self.seeds)))
+        self.lo = self.hi = 0
+        self.parts = None
+
+    def step(self, step: int) -> tuple[torch.Tensor, ...]:
+        if not self.lo <= step < self.hi:
+            self.lo, self.hi = step, min(self.total, step + self.chunk)
+            streams = [self.data.stream(self.lo * self.batch, self.hi * self.batch, s) for s in self.seeds]
+            self.parts = [torch.stack(p).unflatten(1, (self.hi - self.lo, self.batch)) for p in zip(*streams)]
+        i = step - self.lo
+        return tuple(p[:, i].index_select(0, self.run_index) for p in self.parts)
 
 
 class Pack:
@@ -192,164 +146,217 @@ class Pack:
     def __init__(self, cfgs: list[Config], dirs: list[Path], env, started: float):
         cfg0 = cfgs[0]
         self.cfgs, self.dirs, self.env, self.started = cfgs, dirs, env, started
+        self.numerics = numerics.configure(cfg0.precision, cfg0.speed.deterministic, env.device)
         self.plan = plan_of(cfg0, 1)
         self.data = build_data(cfg0.data.name, cfg0.data.path, cfg0.data.augment, cfg0.data.eval_batch_size, self.plan,
                                cfg0.seed, 0, env.device, DTYPES[cfg0.precision], ReaderOptions.of(cfg0.data),
                                cfg0.model.task, cfg0.model.sequence_length())
-        if self.data.spec.task != "classification" or not hasattr(self.data, "stream"):
-            raise NotPackable(f"packed runs need in-memory classification data, not {self.data.spec.task} "
-                              f"({type(self.data).__name__})")
+        if not hasattr(self.data, "stream"):
+            raise NotPackable(f"packed runs need in-memory data, not {type(self.data).__name__}")
         self.durations = durations_of(cfg0, self.data.spec)
         self.objective = objectives.for_task(self.data.spec.task)
         self.net, self.parameters = self._build_net()
         self.moms = [momentum_of(c.optim.name, c.optim.momentum) for c in cfgs]
         self.schedules = [Schedule.of(c.optim.effective_lr, c.schedule.decay_factor, c.schedule.final_lr,
                                       self.durations.total_steps, c.schedule.warmup_steps) for c in cfgs]
-        tensors = self.net.tensors()
-        self.mom_t = [_per_run(self.moms, p) for p in tensors]
-        self.wd_t = [_per_run([c.optim.weight_decay for c in cfgs], p) for p in tensors]
-        self.bufs = [torch.zeros_like(p) for p in tensors]
+        self.exclude_norm = cfg0.model.exclude_norm_from_decay()
+        self.bufs = {n: torch.zeros_like(p) for n, p in self.net.params.items()}
+        self.mom_t = {n: _per_run(self.moms, p) for n, p in self.net.params.items()}
+        self.wd_t = {n: _per_run([0.0 if self.exclude_norm and n in self.net.norm_names else c.optim.weight_decay
+                                  for c in cfgs], p) for n, p in self.net.params.items()}
+        self.states = [TrainState() for _ in cfgs]
+        self.checkpoints = [Checkpointer(d / "checkpoints", c.checkpoint.keep, True) for c, d in zip(cfgs, dirs)]
+        self.step0 = self._resume()
+        for s in self.states:
+            s.segments.append(record.segment(1, self.step0))
         self.logs = self._start_run_dirs()
         self.streams = _Streams(self.data, [c.seed for c in cfgs], self.plan.global_batch_size, self.durations.total_steps)
-        R, dev = len(cfgs), env.device
-        self.alive = torch.ones(R, dtype=torch.bool, device=dev)
-        self.tail_sum = torch.zeros(R, dtype=torch.float64, device=dev)
-        self.tail_n = 0
-        self.train_seconds = 0.0
+        dev = env.device
+        self.alive = torch.ones(len(cfgs), dtype=torch.bool, device=dev)
+        self.ledger = Ledger(self.durations.final_window_start, cfg0.divergence.max_loss,
+                             torch.zeros(len(cfgs), dtype=torch.float64, device=dev))
+        self.ledger.tail_sum = torch.tensor([s.tail_loss_sum for s in self.states], dtype=torch.float64, device=dev)
+        self.ledger.tail_steps = torch.tensor([s.tail_steps for s in self.states], dtype=torch.int64, device=dev)
+        self.train_seconds = max(s.train_seconds for s in self.states)
         self.effs: list[float] = []
 
-    def _build_net(self) -> tuple[BatchedSequential, int]:
-        states, template = [], None
+    def _build_net(self) -> tuple[PackedModel, int]:
+        nets = []
         for cfg in self.cfgs:
             torch.manual_seed(cfg.seed)  # the trainer's initial weights, run by run
-            model = models.build_model(cfg.model, self.data.spec).to(self.env.device, DTYPES[cfg.precision])
-            template = template or model
-            states.append(model.state_dict())
-        return BatchedSequential(template, states), models.count_parameters(template)
+            nets.append(models.build_model(cfg.model, self.data.spec).to(self.env.device, DTYPES[cfg.precision]))
+        try:
+            return PackedModel(nets), models.count_parameters(nets[0])
+        except (RuntimeError, ValueError) as e:
+            raise NotPackable(f"model {self.cfgs[0].model.name} cannot be stacked ({e})") from None
+
+    def _resume(self) -> int:
+        """Resume every run from its checkpoint at the latest step all of them have (0: none in common)."""
+        steps = [{int(p.name[5:13]): p for p in ck.paths()} for ck in self.checkpoints]
+        common = sorted(set.intersection(*(set(s) for s in steps)), reverse=True)
+        for step in common:
+            try:
+                payloads = [torch.load(s[step], map_location="cpu", weights_only=True) for s in steps]
+            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: try an older common step
+                print(f"harness: warning: a checkpoint at step {step} of a pack is unreadable ({e}); trying an older one")
+                continue
+            for r, (cfg, payload) in enumerate(zip(self.cfgs, payloads)):
+                self.net.load_state_dict(r, payload["model"])
+                self.net.load_optimizer_state(r, payload["optimizer"], self.bufs, cfg.optim.name, self.moms[r],
+                                              cfg.optim.weight_decay, self.exclude_norm)
+                self.states[r] = TrainState(**payload["state"])
+            print(f"harness: pack of {len(self.cfgs)} runs resumed from step {step}")
+            return step
+        return 0
 
     def _start_run_dirs(self) -> list[MetricsLog]:
         logs = []
-        environment = {**provenance.environment(self.env, self.plan), "packed_runs": len(self.cfgs)}  # once: it runs git
+        environment = {**provenance.environment(self.env, self.plan), "packed_runs": len(self.cfgs),  # once: it runs git
+                       "numerics": self.numerics}
         for cfg, run_dir in zip(self.cfgs, self.dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)  # from an interrupted attempt: a pack restarts at step 0
+            if self.step0 == 0:  # an attempt that left no common checkpoint: its TensorBoard events go
+                shutil.rmtree(run_dir / "tb", ignore_errors=True)
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "env.json", environment)
-            logs.append(MetricsLog(run_dir, True, cfg.log.tensorboard))
+            logs.append(MetricsLog(run_dir, True, cfg.log.tensorboard, resume_step=self.step0))
         return logs
 
     def train(self, stop: Optional[Callable[[], bool]], finished: Callable[[int, dict], None]) -> None:
         """Every step of every run; `finished(r, result)` as each run ends (diverged runs on the way)."""
-        S, every = self.durations.total_steps, self.durations.eval_every
-        for step in range(S):
+        cfg0, S = self.cfgs[0], self.durations.total_steps
+        every, ck_every = self.durations.eval_every, self.durations.checkpoint_every
+        last_save = time.time()
+        for step in range(self.step0, S):
             if stop is not None and stop():
+                if step > self.step0:
+                    self.save_checkpoints(step)
                 for log in self.logs:
                     log.close()
                 return
-            losses, correct, norms = self.step(step, (step + 1) % self.cfgs[0].log.every_steps == 0 or step + 1 == S)
-            dead = self.account(step, losses, correct, norms)
-            for r in dead:
-                finished(r, self.finish_run(r, DIVERGED, step + 1, {}, diverged_at=step + 1))
-            if not self.alive.any():
-                return
-            if every and (step + 1) % every == 0 and step + 1 < S:
+            want_log = (step + 1) % cfg0.log.every_steps == 0 or step + 1 == S
+            t0 = time.perf_counter()
+            stats, norms = self.step(step, want_log)
+            self.ledger.add(step, self.objective.loss(stats))
+            eval_due = bool(every) and (step + 1) % every == 0 and step + 1 < S
+            ck_due = step + 1 < S and ((bool(ck_every) and (step + 1) % ck_every == 0) or (
+                cfg0.checkpoint.every_minutes is not None and time.time() - last_save >= 60 * cfg0.checkpoint.every_minutes))
+            if want_log or eval_due or ck_due:
+                self.read_back(step + 1, stats, norms, want_log, finished)
+                if not self.alive.any():
+                    return
+            self.train_seconds += time.perf_counter() - t0
+            if eval_due:
                 for r, ev in self.evaluate().items():
                     self.logs[r].write({"step": step + 1, **ev})
-        for r, ev in self.evaluate().items():
+            if ck_due:
+                self.save_checkpoints(step + 1)
+                last_save = time.time()
+        metrics = self.evaluate()
+        if cfg0.eval.train_loss:
+            for r, ev in self.evaluate("train").items():
+                metrics[r].update({f"train_set_{k[len('train_'):]}": v for k, v in ev.items()})
+        for r, ev in metrics.items():
             self.logs[r].write({"step": S, **ev})
             finished(r, self.finish_run(r, COMPLETED, S, ev))
 
-    def step(self, step: int, want_norms: bool):
-        """One optimizer step of every run: (per-run loss, per-run correct count, per-run norms if wanted)."""
+    def step(self, step: int, want_norms: bool) -> tuple[torch.Tensor, dict]:
+        """One optimizer step of every run: (per-run summed stats (R, k), per-run norms if wanted)."""
         if not self.effs or any(s.changes_at(step) for s in self.schedules):
             self.effs = [s.at(step) for s in self.schedules]
             lrs = [torch_lr(e, m) for e, m in zip(self.effs, self.moms)]
-            self.neg_lr = [-_per_run(lrs, p) * self.alive.view(-1, *([1] * (p.dim() - 1))) for p in self.net.tensors()]
-        t0 = time.perf_counter()
-        b, R = self.plan.global_batch_size, len(self.cfgs)
-        x, y = self.streams.step(step)
-        loss_sum = correct = 0
+            self.neg_lr = {n: -_per_run(lrs, p) * self.alive.view(-1, *([1] * (p.dim() - 1)))
+                           for n, p in self.net.params.items()}
+        b = self.plan.global_batch_size
+        batch = self.streams.step(step)
+        stats = None
         for a in range(self.plan.accumulation_steps):
             lo, hi = self.plan.micro_slice(a, 0)
-            xm, ym = x[:, lo:hi], y[:, lo:hi]
-            logits = self.net(xm)
-            per_run = F.cross_entropy(logits.flatten(0, 1), ym.flatten(), reduction="none").view(R, -1).sum(1)
-            (per_run * (1.0 / b)).sum().backward()  # the trainer's loss_sum * W / B, per run
-            loss_sum = loss_sum + per_run.detach().double()
-            correct = correct + (logits.detach().argmax(-1) == ym).sum(1).double()
-        norms = self._sgd_update(want_norms)
-        self.train_seconds += time.perf_counter() - t0
-        return loss_sum / b, correct, norms
+            loss_sum, s = self.net(self.objective, tuple(t[:, lo:hi] for t in batch))
+            (loss_sum * (1.0 / b)).sum().backward()  # the trainer's loss_sum * W / B, per run
+            stats = s.detach() if stats is None else stats + s.detach()
+        self.net.fold_running_stats()
+        return stats, self._sgd_update(want_norms)
 
     @torch.no_grad()
     def _sgd_update(self, want_norms: bool) -> dict:
-        tensors = self.net.tensors()
-        grads = [p.grad for p in tensors]
+        params = self.net.params
         norms = {}
         if want_norms:
-            norms["grad_norm"] = _norms(grads)
-            before = [p.detach().clone() for p in tensors]
-        for p, g, buf, m, wd, nlr in zip(tensors, grads, self.bufs, self.mom_t, self.wd_t, self.neg_lr):
-            g.addcmul_(p, wd)  # torch.optim.SGD: grad = grad + weight_decay * param
-            buf.mul_(m).add_(g)  # buf = m buf + g; buf starts at 0, so the first step gives buf = g
-            p.addcmul_(buf, nlr)  # param = param - lr buf
+            norms["grad_norm"] = _norms([p.grad for p in params.values()])
+            before = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            g = p.grad
+            g.addcmul_(p, self.wd_t[n])  # torch.optim.SGD: grad = grad + weight_decay * param
+            self.bufs[n].mul_(self.mom_t[n]).add_(g)  # buf = m buf + g; buf starts at 0, so the first step gives g
+            p.addcmul_(self.bufs[n], self.neg_lr[n])  # param = param - lr buf
             p.grad = None
         if want_norms:
-            norms["param_norm"] = _norms(tensors)
-            norms["update_norm"] = _norms([p - q for p, q in zip(tensors, before)])
+            norms["param_norm"] = _norms(list(params.values()))
+            norms["update_norm"] = _norms([p - before[n] for n, p in params.items()])
         return norms
 
-    def account(self, step: int, losses: torch.Tensor, correct: torch.Tensor, norms: dict) -> list[int]:
-        """The final-loss window, divergence and the metrics records after a step; returns the runs that diverged."""
-        b = self.plan.global_batch_size
-        if step >= self.durations.final_window_start:
-            self.tail_sum += torch.where(self.alive, losses, 0.0)
-            self.tail_n += 1
-        dead = (record.diverged(losses, self.cfgs[0].divergence.max_loss) & self.alive).nonzero().flatten().tolist()
-        if dead:
-            self.alive[dead] = False
-        if norms:
-            rate = (step + 1) * b / max(self.train_seconds, 1e-9)
-            lv, av = losses.tolist(), (100.0 * correct / b).tolist()
-            nv = {k: v.tolist() for k, v in norms.items()}
-            for r in self.alive.nonzero().flatten().tolist():
+    def read_back(self, steps: int, stats: torch.Tensor, norms: dict, want_log: bool, finished) -> None:
+        """One copy to the host: retire the runs that diverged, write the live runs' metrics records."""
+        flat = torch.cat([self.ledger.snapshot().T, stats.double(), *(v[:, None] for v in norms.values())], 1).tolist()
+        alive = self.alive.tolist()
+        for r, row in enumerate(flat):
+            first, tail_sum, tail_steps = Ledger.unpack(*row[:3])
+            self.states[r].tail_loss_sum, self.states[r].tail_steps = tail_sum, tail_steps
+            if not alive[r]:
+                continue
+            if first is not None:
+                self.retire(r)
+                finished(r, self.finish_run(r, DIVERGED, first, {}, diverged_at=first))
+            elif want_log:
                 eff = self.effs[r]
-                self.logs[r].write(record.progress_record(step + 1, self.durations, {"loss": lv[r], "accuracy": av[r]},
-                                                          torch_lr(eff, self.moms[r]), eff, b, rate,
-                                                          {k: v[r] for k, v in nv.items()}))
-        if dead:
-            with torch.no_grad():  # keep NaNs out of the batched arithmetic: these runs are over
-                for p, buf, nlr in zip(self.net.tensors(), self.bufs, self.neg_lr):
-                    p[dead] = 0.0
-                    buf[dead] = 0.0
-                    nlr[dead] = 0.0
-        return dead
+                train_stats = self.objective.summarize(torch.tensor(row[3:3 + stats.shape[1]], dtype=torch.float64))
+                self.logs[r].write(record.progress_record(steps, self.durations, train_stats, torch_lr(eff, self.moms[r]),
+                                                          eff, self.plan.global_batch_size, self.rate(steps),
+                                                          dict(zip(norms, row[3 + stats.shape[1]:]))))
 
     @torch.no_grad()
-    def evaluate(self) -> dict[int, dict[str, float]]:
-        """Every live run's test metrics over the whole test split, in the trainer's eval batches."""
-        R = len(self.cfgs)
-        loss_sum = torch.zeros(R, dtype=torch.float64, device=self.data.device)
-        correct = torch.zeros(R, dtype=torch.float64, device=self.data.device)
-        count = 0
-        for x, y in self.data.eval_batches():
-            logits = self.net(x.unsqueeze(0).expand(R, *x.shape))
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(R), reduction="none").view(R, -1).sum(1).double()
-            correct += (logits.argmax(-1) == y).sum(1).double()
-            count += len(y)
-        out = {}
+    def retire(self, r: int) -> None:
+        """Keep a diverged run's NaNs out of the batched arithmetic: its slice is zeroed and its rate set to 0."""
+        self.alive[r] = False
+        for n, p in self.net.params.items():
+            p[r] = 0.0
+            self.bufs[n][r] = 0.0
+            self.neg_lr[n][r] = 0.0
+
+    def rate(self, steps: int) -> float:
+        return steps * self.plan.global_batch_size / max(self.train_seconds, 1e-9)
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> dict[int, dict[str, float]]:
+        """Every live run's metrics over the whole test split (or the training set), in the trainer's batches."""
+        self.net.train(False)
+        total = None
+        for batch in self.data.eval_batches(split) if split != "test" else self.data.eval_batches():
+            _, stats = self.net(self.objective, batch, shared=True)
+            total = stats if total is None else total + stats
+        self.net.train(True)
+        rows = total.tolist()
+        return {r: {f"{split}_{k}": v for k, v in self.objective.summarize(torch.tensor(rows[r], dtype=torch.float64)).items()}
+                for r in self.alive.nonzero().flatten().tolist()}
+
+    def save_checkpoints(self, step: int) -> None:
+        """Each live run's checkpoint in the trainer's format, at the same step."""
         for r in self.alive.nonzero().flatten().tolist():
-            stats = torch.tensor([loss_sum[r].item(), float(count), correct[r].item()], dtype=torch.float64)
-            out[r] = {f"test_{k}": v for k, v in self.objective.summarize(stats).items()}
-        return out
+            cfg, state = self.cfgs[r], self.states[r]
+            state.step, state.train_seconds = step, self.train_seconds
+            snapshot = {**asdict(state), "wall_seconds": state.wall_seconds + time.time() - self.started}
+            optimizer = self.net.optimizer_state(r, self.bufs, cfg.optim.name, self.moms[r], cfg.optim.weight_decay,
+                                                 self.exclude_norm)
+            self.checkpoints[r].save(step, {"model": self.net.state_dict(r), "optimizer": optimizer, "rng": rng_state(),
+                                            "state": snapshot, "objective": {}})
 
     def finish_run(self, r: int, status: str, steps: int, metrics: dict, diverged_at: int | None = None) -> dict:
         """Run r's result.json (and final.pt when it completed), in the trainer's format plus `packed_runs`."""
-        b = self.plan.global_batch_size
-        train_loss = self.tail_sum[r].item() / self.tail_n if self.tail_n else None
-        result = record.result_record(status, steps, self.durations, train_loss, self.objective, metrics, diverged_at,
-                                      steps * b / max(self.train_seconds, 1e-9), time.time() - self.started,
-                                      self.parameters, self.plan, [record.segment(1, 0)], packed_runs=len(self.cfgs))
+        state = self.states[r]
+        result = record.result_record(status, steps, self.durations, state.final_train_loss, self.objective, metrics,
+                                      diverged_at, self.rate(steps), state.wall_seconds + time.time() - self.started,
+                                      self.parameters, self.plan, state.segments, packed_runs=len(self.cfgs))
         if status == COMPLETED:
             record.write_final(self.dirs[r], self.net.state_dict(r), steps, self.cfgs[r])
         self.logs[r].close()

@@ -58,6 +58,7 @@ def environment(env, plan) -> dict:
         "device": str(env.device),
         "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor(),
         "world_size": env.world_size,
+        "local_rank": env.local_rank,
         "layout": plan.as_dict(),
         "slurm": slurm_info(),
         "argv": sys.argv,

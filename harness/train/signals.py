@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 # A stop asked of the whole process before or between runs (a sweep task's signal handler, harness/sweep/tasks.py):
@@ -31,6 +32,7 @@ class StopRequest:
     def __init__(self, run_dir: Path):
         self.stop_file = Path(run_dir) / "STOP"
         self.signal_name: str | None = None
+        self._next_look = 0.0
         self._previous = {}
         for sig in self.SIGNALS:
             try:
@@ -47,8 +49,11 @@ class StopRequest:
     def requested(self) -> bool:
         if self.signal_name is None and _process_stop is not None:
             self.signal_name = _process_stop
-        if self.signal_name is None and self.stop_file.exists():
-            self.signal_name = "STOP file"
+        if self.signal_name is None and time.monotonic() >= self._next_look:
+            # A stat per step and rank is slow on a parallel file system; once a second is soon enough.
+            self._next_look = time.monotonic() + 1.0
+            if self.stop_file.exists():
+                self.signal_name = "STOP file"
         return self.signal_name is not None
 
     def restore(self) -> None:

@@ -246,7 +246,6 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
                     say(env, note)
                 return INTERRUPTED, None
     finally:
-        flags.close()
         bar.close()
         stop.restore()
     return COMPLETED, None
