@@ -35,37 +35,48 @@ from harness.train.config import load_config  # noqa: E402
 from harness.train.trainer import train  # noqa: E402
 
 
-def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int,
+                      device: str = "cpu", extra: tuple = ()) -> float:
     walls = {}
     for steps in (short, long):
         cfg = load_config(None, ["data.name=cifar10", f"data.path={shards}", "model.name=wrn", f"model.depth={depth}",
                                  f"model.width={width}", f"batch.global_batch_size={batch}", f"budget.steps={steps}",
-                                 "device=cpu", "optim.effective_lr=0.1"])
+                                 f"device={device}", "optim.effective_lr=0.1", *extra])
         run = Path(tempfile.mkdtemp(dir=work))
+        _sync(device)
         t0 = time.perf_counter()
         train(cfg, run)
+        _sync(device)
         walls[steps] = time.perf_counter() - t0
     return (walls[long] - walls[short]) / (long - short)
 
 
-def bare_step_time(shards: Path, depth: int, width: int, batch: int, steps: int, warmup: int = 3) -> float:
+def bare_step_time(shards: Path, depth: int, width: int, batch: int, steps: int, warmup: int = 3,
+                   device: str = "cpu") -> float:
     manifest = read_manifest(shards)
     images, labels = load_split(shards, manifest, "train")
     mean = torch.tensor(manifest["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(manifest["std"]).view(1, 3, 1, 1)
-    data = (images.float() / 255 - mean) / std
+    data = ((images.float() / 255 - mean) / std).to(device)
+    labels = labels.to(device)
     spec = DataSpec("cifar10", "classification", len(labels), 0, 10, (3, 32, 32))
     cfg = load_config(None, [f"data.path={shards}", "data.name=cifar10", "model.name=wrn", f"model.depth={depth}",
                              f"model.width={width}", "budget.steps=1"]).model
     torch.manual_seed(0)
-    model = models.build_model(cfg, spec)
+    model = models.build_model(cfg, spec).to(device)
     opt = build_optimizer(model.parameters(), "momentum", 0.9, 5e-4)
     for group in opt.param_groups:
         group["lr"] = torch_lr(0.1, 0.9)
-    perm = torch.randperm(len(labels))
-    times = []
+    perm = torch.randperm(len(labels), device=device)
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
         idx = perm[(i * batch) % (len(labels) - batch):][:batch]
         x, y = data[idx], labels[idx]
         dy, dx = torch.randint(0, 9, (2,)).tolist()
@@ -76,9 +87,8 @@ def bare_step_time(shards: Path, depth: int, width: int, batch: int, steps: int,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return sum(times) / len(times)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:

@@ -299,10 +299,14 @@ class ShardStream(IterableDataset):
         keys = torch.tensor([k for _, _, k in items], dtype=torch.int64)
         skipped, self._skipped = self._skipped, 0
         if self.gpu_decode:
+            # The batch's JPEG bytes as ONE tensor plus their lengths: a loader worker hands each tensor to the
+            # training process through shared memory with a file descriptor of its own, so one tensor per JPEG
+            # would hold about a thousand descriptors per rank open at the defaults.
             encoded = [x[0] for x, _, _ in items]
+            lengths = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
             crops = torch.tensor([x[1] for x, _, _ in items], dtype=torch.int64)
             flips = torch.tensor([x[2] for x, _, _ in items], dtype=torch.bool)
-            return (encoded, crops, flips), labels, keys, skipped
+            return (torch.cat(encoded), lengths, crops, flips), labels, keys, skipped
         return torch.stack([x for x, _, _ in items]), labels, keys, skipped
 
     def __iter__(self):
@@ -487,14 +491,15 @@ class StreamingImages:
         out = torch.addcmul(self.shift, x.to(self.dtype), self.scale), labels.to(self.device, non_blocking=True)
         return (*out, example_keys_) if keys else out
 
-    def _gpu_decode(self, encoded, crops, flips) -> torch.Tensor:
+    def _gpu_decode(self, data, lengths, crops, flips) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import functional as F
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=self.device)
+                encoded = list(data.split(lengths.tolist()))  # views of the one tensor (lengths: a CPU tensor)
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError as e:
                 raise DataError(f"GPU JPEG decoding failed ({e}); set data.gpu_decode=false to decode in the workers "
                                 "(and name the bad sample)") from None

@@ -211,6 +211,26 @@ def test_gpu_decode_matches_cpu_decode(imagenet_shards):
         assert (x - x2).abs().mean() < 0.1
 
 
+def test_deferred_decode_matches_worker_decode_and_ships_one_tensor_per_batch(imagenet_shards):
+    """data.gpu_decode moves decoding from the loader workers to the training process (nvjpeg on a GPU; here the
+    CPU path of the same code): the same images; and each batch crosses from a worker as ONE tensor of JPEG
+    bytes, not one tensor (one shared-memory file descriptor) per image."""
+    plan = make_batch_plan(16, 1, 16)
+    batches = {}
+    for deferred in (False, True):
+        opts = ReaderOptions(workers=2, shuffle_buffer=50, resampled=False, image_size=32, eval_resize=36,
+                             gpu_decode=deferred, skip_bad_samples=False)
+        src = build_data("imagenet", imagenet_shards, True, 40, plan, 0, 0, torch.device("cpu"), torch.float32, opts)
+        batches[deferred] = (next(iter(src.train_micro_batches(0, keys=True))), next(iter(src.eval_batches(keys=True))))
+        if deferred:
+            raw = next(iter(src.train_loader))
+            (data, lengths, crops, flips), labels = raw[0], raw[1]
+            assert data.dtype == torch.uint8 and data.dim() == 1 and len(lengths) == len(labels) == 16
+            assert int(lengths.sum()) == len(data)
+    for (x, y, k), (x2, y2, k2) in zip(batches[False], batches[True]):
+        assert torch.equal(k, k2) and torch.equal(y, y2) and torch.equal(x, x2)
+
+
 def test_reader_config_keys_are_strict():
     from harness.core.errors import ConfigError
     from harness.train.config import load_config
