@@ -1,5 +1,6 @@
 """`harness analyze SWEEP_DIR`: tables and figures from a sweep's run directories (or from a batch-science
-export). Imports nothing heavy at module level (harness/cli.py builds its parser at every start)."""
+export), and `--export batch-science DIR`. Imports nothing heavy at module level (harness/cli.py builds its
+parser at every start)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import sys
 from pathlib import Path
 
 from harness.core.errors import SweepError
+
+EXPORT_FORMATS = ("batch-science",)
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="tables (Markdown, CSV, LaTeX) and figures from a sweep's run directories")
@@ -20,6 +24,8 @@ def add_parser(sub) -> None:
                    help="the final training loss: window = mean train-mode minibatch loss over the last S/20 steps "
                         "(result.json train_loss, default); train_set = the full training set in eval mode at the "
                         "end (train_set_loss, runs with eval.train_loss: true)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
+                   help="also write the runs to DIR in another layout; FORMAT: batch-science (Shallue et al.)")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -34,6 +40,8 @@ def cmd_analyze(args) -> int:
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep directory {sweep_dir} does not exist; run `harness sweep SPEC` first")
+    if args.export and args.export[0] not in EXPORT_FORMATS:
+        raise SweepError(f"--export {args.export[0]!r}: unknown format; expected one of {', '.join(EXPORT_FORMATS)}")
     a = analyze(sweep_dir, args.k, args.n, args.train_loss, echo=warn)
     out = Path(args.out) if args.out else sweep_dir / "analysis"
     written = tables.write_outputs(a, out)
@@ -46,6 +54,12 @@ def cmd_analyze(args) -> int:
         from harness.analysis.reference import compare
 
         print(compare(a, args.reference))
+    if args.export:
+        from harness.analysis.batch_science_export import export
+
+        counts = export(a, sweep_dir, Path(args.export[1]), echo=warn)
+        print(f"exported {len(a.records)} trials ({counts['COMPLETE']} COMPLETE, {counts['INFEASIBLE']} INFEASIBLE, "
+              f"{counts['INCOMPLETE']} INCOMPLETE) in {counts['studies']} studies to {args.export[1]} (batch-science)")
     if not args.no_figures:
         from harness.analysis.figures import write_figures
 
