@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                    help="the final training loss: window = mean train-mode minibatch loss over the last S/20 steps "
                         "(result.json train_loss, default); train_set = the full training set in eval mode at the "
                         "end (train_set_loss, runs with eval.train_loss: true)")
+    p.add_argument("--curves-lr", metavar="A,B",
+                   help="curves.png: these effective learning rates (default: the optima by test metric and by "
+                        "training loss at the largest epoch budget)")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
                    help="also write the runs to DIR in another layout; FORMAT: batch-science (Shallue et al.)")
     p.set_defaults(func=cmd_analyze)
@@ -35,6 +38,7 @@ def warn(line: str) -> None:
 
 def cmd_analyze(args) -> int:
     from harness.analysis import tables
+    from harness.analysis.curves import parse_rates
     from harness.analysis.select import TRAIN_LOSS_LABELS, analyze
 
     sweep_dir = Path(args.sweep_dir)
@@ -42,6 +46,7 @@ def cmd_analyze(args) -> int:
         raise SweepError(f"sweep directory {sweep_dir} does not exist; run `harness sweep SPEC` first")
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise SweepError(f"--export {args.export[0]!r}: unknown format; expected one of {', '.join(EXPORT_FORMATS)}")
+    rates = parse_rates(args.curves_lr) if args.curves_lr else None
     a = analyze(sweep_dir, args.k, args.n, args.train_loss, echo=warn)
     out = Path(args.out) if args.out else sweep_dir / "analysis"
     written = tables.write_outputs(a, out)
@@ -63,6 +68,8 @@ def cmd_analyze(args) -> int:
     if not args.no_figures:
         from harness.analysis.figures import write_figures
 
-        written += write_figures(a, out, title=sweep_dir.name)
+        written += write_figures(a, out, title=sweep_dir.name, curves_lr=rates)
+        if rates and not any(p.stem == "curves" for p in written):
+            print("no curves.png: the runs of those rates have no evaluations during training (eval.every_epochs)")
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
     return 0
