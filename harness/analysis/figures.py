@@ -5,7 +5,9 @@
 - epochs: at fixed B against the epoch budget: the optimal test metric, the optimal training loss, and the
   optimal (initial, and final when swept) learning rates selected by test metric and by training loss
   (figs. 2, 3, 9, 10);
-- lr_sweep: every learning rate's mean (+- std of the best k) at each batch size (fig. 5).
+- lr_sweep: every learning rate's mean (+- std of the best k) at each batch size (fig. 5);
+- curves: the test metric during training at two learning rates, every seed thin and their mean thick
+  (fig. 10(d); which rates: curves.py), when the runs evaluated during training.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from harness.analysis import curves
 from harness.analysis.select import Analysis
-from harness.analysis.tables import column_name
+from harness.analysis.tables import column_name, fmt_lr
 
 COLORS = {"sgd": "tab:blue", "momentum": "tab:red"}
 STYLES = ["-", "--", ":", "-."]
@@ -227,7 +230,34 @@ def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 6) 
     return _save(fig, out, "lr_sweep", title)
 
 
-def write_figures(a: Analysis, out: Path, title: str = "") -> list[Path]:
+def curves_figure(a: Analysis, out: Path, title: str = "", rates=None) -> list[Path]:
+    """Fig. 10(d): the test metric during training, one panel per group at the largest epoch budget."""
+    drawn = curves.collect(a, rates)
+    if not drawn:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4.4), squeeze=False)
+    for ax, (row, lines) in zip(axes[0], drawn):
+        for j, c in enumerate(lines):
+            color = f"C{j}"
+            for seed in c.seeds:  # every seed, thin
+                ax.plot([x for x, _ in seed], [y for _, y in seed], color=color, linewidth=0.7, alpha=0.45)
+            rate = "; final ".join(fmt_lr(v) for v in c.cell.lr)
+            ax.plot([x for x, _ in c.mean], [y for _, y in c.mean], color=color, linewidth=2.4,
+                    label=f"eps_eff {rate}: {c.label} ({len(c.seeds)} seeds, mean thick)")
+        x = "epoch" if all(c.x == "epoch" for c in lines) else "step"
+        epochs = row.group[a.group_keys.index(curves.EPOCHS)] if curves.EPOCHS in a.group_keys else None
+        if x == "epoch" and _finite(epochs):  # sec. 4: the rate holds for half the budget, then decays
+            ax.axvline(epochs / 2, color="gray", linestyle=":", label=f"first lr drop ({epochs / 2:g} epochs)")
+        ax.set_title(_label(a, row.group, ()), fontsize=9)
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{a.metric.replace('test_', 'test ')} during training")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "curves", title)
+
+
+def write_figures(a: Analysis, out: Path, title: str = "", curves_lr=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     batch_sizes = {row.group[1] for row in a.rows}
@@ -236,4 +266,5 @@ def write_figures(a: Analysis, out: Path, title: str = "") -> list[Path]:
     if "budget.epochs" in a.group_keys:
         paths += epochs_figure(a, out, title)
     paths += lr_sweep_figure(a, out, title)
+    paths += curves_figure(a, out, title, curves_lr)
     return paths

@@ -1,82 +1,96 @@
-"""Loading a sweep's run directories: every directory below the sweep directory that holds a config.yaml is a
-run; its result.json, if it finished, gives its status, test metric and final training loss. Nothing else is
-read, so tables can be rebuilt from run directories alone (copied from a cluster, or from another tool)."""
+"""Loading a sweep's runs: every directory below the sweep directory that holds a config.yaml or a result.json is
+a run directory; its result.json, if it finished, gives its status, test metric and final training losses. A
+directory in Shallue et al.'s batch_science layout (study.json files, batch_science.py) is read instead when it
+holds no run directories. Nothing else is read, so tables can be rebuilt from run directories alone (copied from
+a cluster, or from another tool).
+
+A run directory the analysis cannot use (checks.py) is skipped with one warning line naming it, what is wrong
+and the fix; the analysis goes on with the others.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
+from harness.analysis.batch_science import load_studies
+from harness.analysis.checks import BadRun, read_config, read_result
+from harness.analysis.records import UNFINISHED, RunRecord, Warn, discover, record_of
 from harness.core.errors import SweepError
-from harness.core.keys import flatten, is_layout_key
-from harness.core.status import FINISHED
 from harness.recipe.selection import Selection
 
-SKIP_DIRS = (".sweep", "analysis")
-UNFINISHED = "unfinished"
-
-
 @dataclass
-class RunRecord:
-    path: Path
-    config: dict  # flattened science keys
-    status: str  # completed | diverged | unfinished
-    metric: Optional[float]
-    train_loss: Optional[float]
+class Loaded:
+    """What load_runs found: the usable runs, their common metric, and what was skipped."""
+
+    records: list[RunRecord]
+    metric: str
+    higher: bool
+    layout: str  # "run directories" | "batch-science"
+    warnings: list[str] = field(default_factory=list)
+    select: Optional[tuple[int, int]] = None  # k, n recorded with the runs (sweep.yaml, study.json)
+    expected: int = 0  # runs listed in .sweep/runs.json
 
 
-def load_runs(sweep_dir: Path) -> tuple[list[RunRecord], str, bool]:
-    """Every run directory below `sweep_dir` (a config.yaml; result.json if it finished)."""
+def load_runs(sweep_dir: Path, echo: Optional[Callable[[str], None]] = None) -> Loaded:
+    """Every usable run below `sweep_dir` (run directories, else a batch-science export); one warning per bad one."""
     sweep_dir = Path(sweep_dir)
-    records, metrics = [], set()
-    for cfg_path in sorted(sweep_dir.rglob("config.yaml")):
-        rel = cfg_path.relative_to(sweep_dir).parts
-        if any(part in SKIP_DIRS for part in rel[:-1]):
-            continue
-        config = {k: v for k, v in flatten(yaml.safe_load(cfg_path.read_text()) or {}).items() if not is_layout_key(k)}
-        result = None
-        res_path = cfg_path.with_name("result.json")
-        if res_path.is_file():
-            try:
-                result = json.loads(res_path.read_text())
-            except json.JSONDecodeError:
-                result = None
-        if result is None or result.get("status") not in FINISHED:
-            records.append(RunRecord(cfg_path.parent, config, UNFINISHED, None, None))
-            continue
-        name = result.get("test_metric")
-        metrics.add((name, bool(result.get("higher_is_better", True))))
-        value = result.get(name) if name else None
-        records.append(RunRecord(cfg_path.parent, config, result["status"], _num(value), _num(result.get("train_loss"))))
+    warn = Warn(echo)
+    run_dirs, study_dirs = discover(sweep_dir)
+    if not run_dirs and study_dirs:
+        records, select = load_studies(sweep_dir, study_dirs, warn)
+        layout, expected, found = "batch-science", 0, "batch-science trials"
+    else:
+        records = [r for r in (_load_run(d, sweep_dir, warn) for d in run_dirs) if r is not None]
+        layout, select, expected, found = "run directories", selection_of(sweep_dir), expected_runs(sweep_dir), "run directories"
+        if not run_dirs:
+            raise SweepError(f"no run directories (config.yaml) below {sweep_dir}; run `harness sweep SPEC` first")
     if not records:
-        raise SweepError(f"no run directories (config.yaml) below {sweep_dir}; run `harness sweep SPEC` first")
-    if len(metrics) > 1:
-        shown = ", ".join(sorted(m for m, _ in metrics))
+        raise SweepError(f"no usable {found} below {sweep_dir}: all {len(warn.lines)} were skipped (see the warnings "
+                         "above); fix or remove them, or run `harness sweep SPEC` to rerun them")
+    metric, higher = common_metric(records, sweep_dir)
+    return Loaded(records, metric, higher, layout, warn.lines, select, expected)
+
+
+def _load_run(run_dir: Path, sweep_dir: Path, warn: Warn) -> Optional[RunRecord]:
+    try:
+        config = read_config(run_dir / "config.yaml")
+        outcome = read_result(run_dir / "result.json")
+    except BadRun as e:
+        warn(f"skipped {run_dir}: {e}")
+        return None
+    return record_of(run_dir, config, outcome, run_dir / "metrics.jsonl")
+
+
+def common_metric(records: list[RunRecord], sweep_dir: Path) -> tuple[str, bool]:
+    """The one test metric (and its direction) the finished runs report; SweepError when they disagree."""
+    metrics = {(r.outcome.metric_name, r.outcome.higher_is_better) for r in records if r.status != UNFINISHED}
+    if len({m for m, _ in metrics}) > 1:
+        shown = ", ".join(sorted({m for m, _ in metrics}))
         raise SweepError(f"runs below {sweep_dir} report different test metrics ({shown}); analyze one experiment per directory")
-    metric, higher = next(iter(metrics)) if metrics else ("test_metric", True)
-    return records, metric, higher
-
-
-def _num(v) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    if len(metrics) > 1:
+        name = next(iter(metrics))[0]
+        raise SweepError(f"runs below {sweep_dir} disagree on higher_is_better for {name}; fix their result.json")
+    return next(iter(metrics)) if metrics else ("test_metric", True)
 
 
 def selection_of(sweep_dir: Path) -> tuple[int, int]:
     """k and n from the sweep.yaml `harness sweep` wrote, else the paper's defaults (recipe.selection)."""
     default = Selection()
     path = Path(sweep_dir) / "sweep.yaml"
-    if path.is_file():
+    try:
         select = (yaml.safe_load(path.read_text()) or {}).get("select") or {}
         return int(select.get("k", default.k)), int(select.get("n", default.n))
-    return default.k, default.n
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return default.k, default.n  # none, or not ours: --k/--n say what the paper's defaults do not
 
 
 def expected_runs(sweep_dir: Path) -> int:
     path = Path(sweep_dir) / ".sweep" / "runs.json"
     try:
         return len(json.loads(path.read_text())["runs"])
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return 0

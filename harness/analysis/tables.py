@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from harness.analysis.select import Analysis, Optimum, Row
+from harness.analysis.select import TRAIN_LOSS_KEYS, TRAIN_LOSS_LABELS, Analysis, Optimum, Row
 from harness.core.io import atomic_write_text
 
 
@@ -54,14 +54,25 @@ def _lr_cols(a: Analysis) -> list[str]:
     return cols
 
 
+def train_column(a: Analysis) -> str:
+    """The CSV name of the final training loss: result.json's key (train_loss, the window; or train_set_loss)."""
+    return TRAIN_LOSS_KEYS[a.train_loss_source]
+
+
+def train_title(a: Analysis) -> str:
+    """The Markdown/LaTeX name of the final training loss, saying which quantity it is."""
+    return f"Final training loss ({TRAIN_LOSS_LABELS[a.train_loss_source]})"
+
+
 def table_rows(a: Analysis, by: str) -> tuple[list[str], list[list]]:
     """CSV header and rows. by="metric": the paper's table; by="train_loss": sec. 7's selection."""
     extra = [column_name(k) for k in a.extra_keys]
+    t = train_column(a)
     if by == "metric":
-        header = ["optimizer", "batch_size", *extra, "n_runs", "k", "metric_mean", "metric_std", "train_loss_mean",
+        header = ["optimizer", "batch_size", *extra, "n_runs", "k", "metric_mean", "metric_std", f"{t}_mean",
                   *_lr_cols(a), "edge_warning"]
     else:
-        header = ["optimizer", "batch_size", *extra, "n_runs", "k", "train_loss_mean", "train_loss_std", "metric_mean",
+        header = ["optimizer", "batch_size", *extra, "n_runs", "k", f"{t}_mean", f"{t}_std", "metric_mean",
                   *_lr_cols(a), "edge_warning"]
     out = []
     for row in a.rows:
@@ -106,7 +117,9 @@ def _notes(row: Row, opt: Optional[Optimum], n: int) -> str:
         if opt.stats.diverged_in_best:
             notes.append("diverged run in best k")
         if opt.edge:
-            notes.append(f"edge: {opt.edge}")
+            notes.append(f"edge: {opt.edge}, extend the grid")
+        if c.n_missing_train:
+            notes.append(f"{c.n_missing_train} without train_set_loss")
     else:
         notes.append("no optimum")
     others = sum(c.n_finished < n for c in row.cells if opt is None or c is not opt.cell)
@@ -129,11 +142,12 @@ def to_markdown(a: Analysis, by: str = "metric") -> str:
     metric_title, metric_short = _titles(a)
     digits = metric_digits(a.metric)
     extra = [column_name(k) for k in a.extra_keys]
+    train = train_title(a)
     if by == "metric":
-        head = ["Optimizer", "Batch size", *extra, "Runs", metric_title, "Final training loss", "Optimal effective learning rate", "Notes"]
+        head = ["Optimizer", "Batch size", *extra, "Runs", metric_title, train, "Optimal effective learning rate", "Notes"]
     else:
-        head = ["Optimizer", "Batch size", *extra, "Runs", "Optimal final training loss", metric_title.replace("Optimal ", ""),
-                "Optimal effective learning rate (by training loss)", "Notes"]
+        head = ["Optimizer", "Batch size", *extra, "Runs", f"Optimal {train[0].lower()}{train[1:]}",
+                metric_title.replace("Optimal ", ""), "Optimal effective learning rate (by training loss)", "Notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in a.rows:
         opt = row.by_metric if by == "metric" else row.by_loss
@@ -142,7 +156,7 @@ def to_markdown(a: Analysis, by: str = "metric") -> str:
             vals = ["-", "-"]
         elif by == "metric":
             s = opt.stats
-            vals = [pm(s.mean, s.std, digits), pm(s.other_mean, s.other_std, _loss_digits(s.other_mean))]
+            vals = [pm(s.mean, s.std, digits), _train_text(opt, pm(s.other_mean, s.other_std, _loss_digits(s.other_mean)))]
         else:
             s = opt.stats
             vals = [pm(s.mean, s.std, _loss_digits(s.mean)), pm(s.other_mean, s.other_std, digits)]
@@ -151,11 +165,16 @@ def to_markdown(a: Analysis, by: str = "metric") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_text(opt: Optimum, text: str) -> str:
+    """The training loss at the metric's optimum; n/a when a run among its best k lacks train_set_loss."""
+    return "n/a" if opt.cell.n_missing_train and not math.isfinite(opt.stats.other_mean) else text
+
+
 def to_latex(a: Analysis, by: str = "metric") -> str:
     metric_title, _ = _titles(a)
     digits = metric_digits(a.metric)
     extra = [column_name(k) for k in a.extra_keys]
-    head = ["Optimizer", "Batch size", *extra, metric_title.replace("%", "\\%"), "Final training loss",
+    head = ["Optimizer", "Batch size", *extra, metric_title.replace("%", "\\%"), train_title(a),
             "Optimal effective learning rate"]
     lines = ["\\begin{tabular}{" + "l" * (2 + len(extra)) + "ccc}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
     for row in a.rows:
@@ -177,8 +196,9 @@ def to_latex(a: Analysis, by: str = "metric") -> str:
 def cells_csv(a: Analysis) -> str:
     extra = [column_name(k) for k in a.extra_keys]
     lr_names = ["effective_lr" if k == "optim.effective_lr" else k.rsplit(".", 1)[-1] for k in a.lr_keys]
+    t = train_column(a)
     header = ["optimizer", "batch_size", *extra, *lr_names, "n_runs", "n_finished", "n_diverged", "k", "metric_mean",
-              "metric_std", "train_loss_mean", "train_loss_std", "diverged_in_best_k"]
+              "metric_std", f"{t}_mean", f"{t}_std", "diverged_in_best_k"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -197,8 +217,22 @@ def report(a: Analysis) -> str:
             + (f", {a.n_unfinished} unfinished" if a.n_unfinished else "")
             + (f"; {a.expected} in the sweep's spec" if a.expected else "")
             + f"); metric {a.metric} ({'higher' if a.higher_is_better else 'lower'} is better); best {a.k} of {a.n} per cell")
+    if a.layout != "run directories":
+        head += f"; read from a {a.layout} layout"
+    head += f"\nfinal training loss: {TRAIN_LOSS_TEXT[a.train_loss_source]}"
+    skipped = sum(line.startswith("skipped ") for line in a.warnings)
+    if skipped:
+        head += f"\n{skipped} run directories skipped (one warning line each on stderr)"
     flags = [f"- {', '.join(map(str, row.group))}: {flag}" for row in a.rows for flag in row.flags]
     return head + ("\nwarnings:\n" + "\n".join(flags) if flags else "") + "\n"
+
+
+TRAIN_LOSS_TEXT = {
+    "window": "result.json train_loss, the mean train-mode minibatch loss over the final floor(S/20) steps "
+              "(--train-loss window)",
+    "train_set": "result.json train_set_loss, the loss over the full training set in eval mode at the end "
+                 "(--train-loss train_set)",
+}
 
 
 def write_outputs(a: Analysis, out: Path) -> list[Path]:
