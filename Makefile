@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # DeepSpeed compiles a CPU op on first use (about 30 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast gpu-check venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
@@ -24,6 +24,10 @@ test: venv
 # Without the tests marked slow (launchers, SLURM, long runs): about 4 minutes instead of about 22.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
+
+# On a GPU node: the gpu-marked tests, a torchrun training (nccl, bf16), STOP + resume, host syncs, benchmarks/gpu.py.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

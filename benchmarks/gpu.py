@@ -71,7 +71,7 @@ def wrn(args, device: torch.device, work: Path) -> dict:
     from harness.train.trainer import train
 
     shards = work / "cifar10"
-    synth("cifar10", shards, train=2048 if args.tiny else 16384, test=256, seed=0, per_shard=4096)
+    synth("cifar10", shards, train=512 if args.tiny else 16384, test=64, seed=0, per_shard=4096)
     depth, width = (10, 1) if args.tiny else (16, 4)
     precision = "bf16" if device.type == "cuda" else "fp32"
 
@@ -89,16 +89,16 @@ def wrn(args, device: torch.device, work: Path) -> dict:
         return lambda steps: train_pack([cfg(b, steps, seed=r % 2, lr=0.5 * (r + 1), precision="fp32") for r in range(runs)],
                                         [Path(tempfile.mkdtemp(dir=work)) for _ in range(runs)])
 
-    short, long = (2, 6) if args.tiny else (20, 120)
+    short, long = (1, 3) if args.tiny else (20, 120)
     out = {"model": f"wrn-{depth}-{width}", "precision": precision}
-    big = 256 if args.tiny else 1024
+    big = 128 if args.tiny else 1024
     reset_peak(device)
     t = marginal(one(big), short, long, device)
     out[f"b{big}_images_per_second"] = big / t
     out[f"b{big}_peak_memory_gib"] = peak_memory(device)
     if not args.tiny:
         out["b1024_fraction_of_bf16_peak"] = big / t * GFLOP["wrn16_4"] / H200_BF16_PEAK
-    small = 32 if args.tiny else 128
+    small = 64 if args.tiny else 128
     reset_peak(device)
     t1 = marginal(one(small, "fp32"), short, long, device)
     reset_peak(device)
@@ -145,10 +145,10 @@ def engine_rate(model_cfg: dict, spec, b: int, device: torch.device, compile_: b
 def resnet(args, device: torch.device) -> dict:
     from data_pipelines.spec import DataSpec
 
-    size = 64 if args.tiny else 224
+    size = 32 if args.tiny else 224
     spec = DataSpec("imagenet", "classification", 1, 1, 1000, (3, size, size))
     model = {"name": "resnet", "depth": 18, "width": 8} if args.tiny else {"name": "resnet", "depth": 50}
-    b, steps, warmup = (64, 3, 2) if args.tiny else (256, 40, 15)
+    b, steps, warmup = (64, 2, 1) if args.tiny else (256, 40, 15)
     out = {"model": "resnet-18-w8" if args.tiny else "resnet-50", "image_size": size, "batch": b}
     for compile_ in ((False,) if args.tiny and device.type == "cpu" else (False, True)):
         rate, mem = engine_rate(model, spec, b, device, compile_, steps, warmup)
@@ -195,9 +195,9 @@ def overhead(args, device: torch.device, work: Path) -> dict:
     from data_pipelines.synth import synth
 
     shards = work / "cifar10-overhead"
-    synth("cifar10", shards, train=2048, test=64)
-    depth, width, steps = (10, 1, 10) if args.tiny else (16, 4, 60)
-    harness = harness_step_time(shards, work, depth, width, 64, 3, 3 + steps, device=device.type)
+    synth("cifar10", shards, train=512 if args.tiny else 4096, test=64)
+    depth, width, steps = (10, 1, 3) if args.tiny else (16, 4, 60)
+    harness = harness_step_time(shards, work, depth, width, 64, 2, 2 + steps, device=device.type)
     bare = bare_step_time(shards, depth, width, 64, steps, device=device.type)
     return {"model": f"wrn-{depth}-{width}", "batch": 64, "harness_ms": harness * 1e3, "bare_ms": bare * 1e3,
             "ratio": harness / bare}
@@ -208,7 +208,8 @@ def ghost_bn(args, device: torch.device) -> dict:
     from ghost_bn import measure
 
     b = 128 if args.tiny else 1024
-    ghost, plain = measure(torch.get_num_threads(), b, 64, 16 if args.tiny else 32, 5 if args.tiny else 30, 3, device.type)
+    ghost, plain = measure(torch.get_num_threads(), b, 64, 16 if args.tiny else 32, 3 if args.tiny else 30,
+                           1 if args.tiny else 3, device.type)
     size = 16 if args.tiny else 32
     return {"input": [b, 64, size, size], "ghost_ms": ghost * 1e3, "batchnorm_ms": plain * 1e3,
             "ratio": ghost / plain}

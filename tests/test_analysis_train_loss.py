@@ -137,3 +137,21 @@ def test_a_bad_train_loss_choice_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["analyze", str(tmp_path), "--train-loss", "final"])
     assert exit_.value.code == 2 and "invalid choice: 'final'" in capsys.readouterr().err
+
+
+def test_the_trainer_writes_train_set_loss_the_analysis_reads(tmp_path, capsys, digits_shards):
+    """eval.train_loss: true makes the trainer evaluate the whole training set in eval mode at the end; the
+    analysis then selects by it with --train-loss train_set."""
+    from harness.train.config import load_config
+    from harness.train.trainer import train
+
+    for lr in (0.25, 0.5, 1.0):
+        cfg = load_config(None, ["data.name=digits", f"data.path={digits_shards}", "model.name=mlp",
+                                 "model.hidden=[16]", "batch.global_batch_size=128", "budget.steps=20",
+                                 f"optim.effective_lr={lr}", "eval.train_loss=true", "log.progress=false",
+                                 "log.tensorboard=false", "device=cpu"])
+        result = train(cfg, tmp_path / f"lr{lr}")
+        assert 0 < result["train_set_loss"] < 10 and 0 <= result["train_set_accuracy"] <= 100
+        assert result["train_set_loss"] != result["train_loss"]  # eval mode, no augmentation: another quantity
+    code, out, _ = analyze(capsys, tmp_path, "--train-loss", "train_set", "--k", "1", "--n", "1")
+    assert code == 0 and "train_set" in out

@@ -195,16 +195,23 @@ def test_stream_label_out_of_range(tmp_path):
             list(src.train_micro_batches(s))
 
 
+def decoded(shards, device: str, workers: int) -> dict:
+    """The first training and evaluation batches, decoded in the workers (False) and deferred (True)."""
+    plan = make_batch_plan(16, 1, 16)
+    batches, sources = {}, {}
+    for deferred in (False, True):
+        opts = ReaderOptions(workers=workers, shuffle_buffer=50, resampled=False, image_size=32, eval_resize=36,
+                             gpu_decode=deferred, skip_bad_samples=False)
+        src = build_data("imagenet", shards, True, 40, plan, 0, 0, torch.device(device), torch.float32, opts)
+        batches[deferred] = (next(iter(src.train_micro_batches(0, keys=True))), next(iter(src.eval_batches(keys=True))))
+        sources[deferred] = src
+    return batches, sources
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvjpeg)")
 def test_gpu_decode_matches_cpu_decode(imagenet_shards):
-    plan = make_batch_plan(16, 1, 16)
-    batches = {}
-    for gpu in (False, True):
-        opts = ReaderOptions(workers=0, shuffle_buffer=50, resampled=False, image_size=32, eval_resize=36,
-                             gpu_decode=gpu, skip_bad_samples=False)
-        src = build_data("imagenet", imagenet_shards, True, 40, plan, 0, 0, torch.device("cuda"), torch.float32, opts)
-        batches[gpu] = (next(iter(src.train_micro_batches(0, keys=True))), next(iter(src.eval_batches(keys=True))))
+    batches, _ = decoded(imagenet_shards, "cuda", 0)
     for (x, y, k), (x2, y2, k2) in zip(batches[False], batches[True]):
         assert x2.is_cuda and x.shape == x2.shape and torch.equal(k, k2) and torch.equal(y, y2)
         # Same crops; nvjpeg's IDCT differs from libjpeg-turbo's by a few levels.
@@ -215,18 +222,10 @@ def test_deferred_decode_matches_worker_decode_and_ships_one_tensor_per_batch(im
     """data.gpu_decode moves decoding from the loader workers to the training process (nvjpeg on a GPU; here the
     CPU path of the same code): the same images; and each batch crosses from a worker as ONE tensor of JPEG
     bytes, not one tensor (one shared-memory file descriptor) per image."""
-    plan = make_batch_plan(16, 1, 16)
-    batches = {}
-    for deferred in (False, True):
-        opts = ReaderOptions(workers=2, shuffle_buffer=50, resampled=False, image_size=32, eval_resize=36,
-                             gpu_decode=deferred, skip_bad_samples=False)
-        src = build_data("imagenet", imagenet_shards, True, 40, plan, 0, 0, torch.device("cpu"), torch.float32, opts)
-        batches[deferred] = (next(iter(src.train_micro_batches(0, keys=True))), next(iter(src.eval_batches(keys=True))))
-        if deferred:
-            raw = next(iter(src.train_loader))
-            (data, lengths, crops, flips), labels = raw[0], raw[1]
-            assert data.dtype == torch.uint8 and data.dim() == 1 and len(lengths) == len(labels) == 16
-            assert int(lengths.sum()) == len(data)
+    batches, sources = decoded(imagenet_shards, "cpu", 2)
+    (data, lengths, _, _), labels = next(iter(sources[True].train_loader))[:2]
+    assert data.dtype == torch.uint8 and data.dim() == 1 and len(lengths) == len(labels) == 16
+    assert int(lengths.sum()) == len(data)
     for (x, y, k), (x2, y2, k2) in zip(batches[False], batches[True]):
         assert torch.equal(k, k2) and torch.equal(y, y2) and torch.equal(x, x2)
 

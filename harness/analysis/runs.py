@@ -22,6 +22,7 @@ from harness.analysis.records import UNFINISHED, RunRecord, Warn, discover, reco
 from harness.core.errors import SweepError
 from harness.recipe.selection import Selection
 
+
 @dataclass
 class Loaded:
     """What load_runs found: the usable runs, their common metric, and what was skipped."""

@@ -1,0 +1,34 @@
+"""The GPU check and benchmark scripts run in their tiny CPU modes, so they work on the day a GPU is lent."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, harness_env
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_tiny_mode_writes_every_figure(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, env=harness_env(), cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not [k for k in report if k.endswith("_error")], report
+    assert report["wrn16_4"]["b64_pack8_images_per_second"] > 0 and report["resnet50"]["eager_images_per_second"] > 0
+    assert report["jpeg"]["cpu_decode_images_per_second"] > 0 and report["overhead"]["ratio"] > 0
+    assert report["ghost_bn"]["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_check(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--skip-bench",
+                           "--out", str(out)], capture_output=True, text=True, env=harness_env(), cwd=ROOT, timeout=1200)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0, (proc.stdout[-3000:], report)
+    assert set(report["steps"]) == {"gpu-marked tests", "torchrun training (bf16)", "STOP + resume", "host syncs per step"}
+    assert report["steps"]["STOP + resume"]["max_abs_diff"] == 0.0
+    assert "gpu-check: summary" in proc.stdout
