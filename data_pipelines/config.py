@@ -21,8 +21,10 @@ class DataConfig:
     augment: bool = True
     eval_batch_size: int = positive(1000)
     # Streaming reader (ImageNet; see data_pipelines/stream.py). Loader worker processes per rank (0: in the
-    # training process); the stream's order depends on it, like on the world size and micro-batch.
-    workers: int = non_negative(4)
+    # training process); the stream's order depends on it, like on the world size and micro-batch. Unset: the CPUs
+    # this process may use shared over the node's ranks, less one for the training process (a CPU decodes about
+    # 110 ImageNet JPEGs/s: one GPU at 2,500 img/s needs some 23 workers, or data.gpu_decode).
+    workers: Optional[int] = non_negative(None)
     # Samples each worker shuffles among (raw JPEG bytes, ~110 kB each on ImageNet).
     shuffle_buffer: int = positive(2000)
     # true: each worker draws whole shards with replacement (webdataset's `resampled`); false: each epoch is a
@@ -59,7 +61,7 @@ class DataConfig:
 class ReaderOptions:
     """The reader settings of `data:` beyond name/path/augment/eval_batch_size (defaults: DataConfig)."""
 
-    workers: int
+    workers: Optional[int]
     shuffle_buffer: int
     resampled: bool
     image_size: int
@@ -84,3 +86,14 @@ def train_examples_of(data: dict, num_train: int) -> int:
         raise ConfigError(f"config key data.train_examples: {n} is not in 1 .. {num_train}, the training examples "
                           f"of {data.get('name')} at {data.get('path')}; give at most {num_train}")
     return n
+
+
+def resolve_workers(workers: int | None) -> int:
+    """data.workers, or the default: this process's CPUs (SLURM's affinity included) shared over the node's ranks
+    (torchrun's LOCAL_WORLD_SIZE), less one for the training process; at least 1."""
+    if workers is not None:
+        return workers
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)

@@ -47,7 +47,7 @@ import random
 import sys
 import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipelines.config import resolve_workers
 from data_pipelines.order import example_keys
 from data_pipelines.shards import check_shard_files, split_entry
 from data_pipelines.spec import DataSpec
@@ -380,6 +381,8 @@ class StreamingImages:
         check_shard_files(root, train)
         check_shard_files(root, evaluation)
         classes = len(manifest["classes"])
+        options = replace(options, workers=resolve_workers(options.workers))
+        self.options = options
         self.workers = max(1, options.workers)
         slots = plan.world_size * self.workers
         m = plan.micro_batch_size
