@@ -28,7 +28,8 @@ def configure(precision: str, deterministic: bool, device: torch.device) -> dict
     if deterministic:
         # cuBLAS needs a fixed workspace for reproducible reductions; read when cuBLAS starts, so set it now.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the setter imports inductor: seconds
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     return {"fp32_math": fp32, "deterministic": deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
