@@ -7,8 +7,18 @@ start-up, data loading and the final evaluation. The bare loop is what a user wo
 normalized float tensor, a random permutation, one random crop offset and flip per batch, loss.mean(),
 backward, torch.optim.SGD step; timed after warm-up.
 
+The cost of the online gradient noise scale (`log.noise_scale`, harness/train/noise_scale.py) is measured the same
+way, as ratios of harness step times in the same run: (a) on against off at the default layout, where at world
+size 1 turning it on splits each batch into two micro-steps of B/2 (the measured cost is mostly that split);
+(b) on against off at two micro-steps for both (`batch.micro_batch_size` = B/2), the estimator's own cost (two
+gradient norms and a few scalars per step, on the device).
+
     python benchmarks/overhead.py                      # WRN-16-4 (the paper's model) and WRN-10-1, B = 64
     python benchmarks/overhead.py --depth 10 --width 1 --batch 128 --threads 1
+    python benchmarks/overhead.py --depth 10 --width 1 --batch 128 --noise-only  # only the noise-scale ratios
+
+(At world size 1 the split needs B/2 to be whole ghost-BN groups: B = 128 for the WRN's groups of 64; at B = 64
+the trainer says so and measures nothing.)
 """
 
 from __future__ import annotations
@@ -35,12 +45,13 @@ from harness.train.config import load_config  # noqa: E402
 from harness.train.trainer import train  # noqa: E402
 
 
-def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int) -> float:
+def harness_step_time(shards: Path, work: Path, depth: int, width: int, batch: int, short: int, long: int,
+                      extra: tuple[str, ...] = ()) -> float:
     walls = {}
     for steps in (short, long):
         cfg = load_config(None, ["data.name=cifar10", f"data.path={shards}", "model.name=wrn", f"model.depth={depth}",
                                  f"model.width={width}", f"batch.global_batch_size={batch}", f"budget.steps={steps}",
-                                 "device=cpu", "optim.effective_lr=0.1"])
+                                 "device=cpu", "optim.effective_lr=0.1", *extra])
         run = Path(tempfile.mkdtemp(dir=work))
         t0 = time.perf_counter()
         train(cfg, run)
@@ -89,6 +100,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="extra steps measured (default: 20 for WRN-16-4, 100 else)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--noise-only", action="store_true", help="only the log.noise_scale ratios (no bare loop)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,13 +111,29 @@ def main() -> None:
           f"{args.repeats} alternating repeats (median)")
     for depth, width in zip(args.depth, args.width):
         steps = args.steps or (20 if depth * width >= 64 else 100)
-        h, b = [], []
+        half = f"batch.micro_batch_size={args.batch // 2}"
+        variants = {"harness": (), "noise": ("log.noise_scale=true",), "split": (half,),
+                    "split+noise": (half, "log.noise_scale=true")}
+        noise = args.batch % 128 == 0  # B / 2 in whole ghost-BN groups of 64 (the WRN's)
+        if not noise:
+            variants = {"harness": ()}
+            print(f"WRN-{depth}-{width}: log.noise_scale not measured: at W = 1 it splits B = {args.batch} in two, "
+                  "which needs B / 2 in whole ghost-BN groups of 64; use --batch 128")
+        times: dict[str, list[float]] = {k: [] for k in ("bare", *variants)}
         for _ in range(args.repeats):
-            b.append(bare_step_time(shards, depth, width, args.batch, steps))
-            h.append(harness_step_time(shards, work, depth, width, args.batch, 5, 5 + steps))
-        hm, bm = statistics.median(h), statistics.median(b)
-        print(f"WRN-{depth}-{width}: harness {hm * 1e3:.1f} ms/step, bare loop {bm * 1e3:.1f} ms/step, "
-              f"ratio {hm / bm:.3f} (target <= 1.05)")
+            if not args.noise_only:
+                times["bare"].append(bare_step_time(shards, depth, width, args.batch, steps))
+            for name, extra in variants.items():
+                times[name].append(harness_step_time(shards, work, depth, width, args.batch, 5, 5 + steps, extra))
+        t = {k: statistics.median(v) for k, v in times.items() if v}
+        if "bare" in t:
+            print(f"WRN-{depth}-{width}: harness {t['harness'] * 1e3:.1f} ms/step, bare loop {t['bare'] * 1e3:.1f} ms/step, "
+                  f"ratio {t['harness'] / t['bare']:.3f} (target <= 1.05)")
+        if noise:
+            print(f"WRN-{depth}-{width}: log.noise_scale on / off: {t['noise'] / t['harness']:.3f} at the default layout "
+                  f"(W = 1: B = {args.batch} split into 2 micro-steps of {args.batch // 2}); "
+                  f"{t['split+noise'] / t['split']:.3f} with 2 micro-steps either way (the estimator alone; "
+                  f"{t['split'] * 1e3:.1f} ms/step off)")
 
 
 if __name__ == "__main__":
