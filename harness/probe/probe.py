@@ -114,21 +114,28 @@ def _num(x: float) -> Optional[float]:
 
 
 def noise_scale_run(base: dict, rows: list[regime.Row], found: regime.Boundary, steps: int, run_dir: Path) -> dict:
-    """One run with log.noise_scale at the probed B nearest the boundary, at its optimal rate: B_simple (EMA) at
-    the end of the constant-rate phase, where the regime is decided (sec. 3.4), and at the end."""
+    """One run with log.noise_scale at the probed B nearest the boundary, at its optimal rate: B_simple (the EMA of
+    log.noise_scale_decay, memory ~100 steps at 0.99) at the end of the constant-rate phase, where the regime is
+    decided (sec. 3.4), and at the end. B_simple is a property of the weights, not of the problem: it grows as the
+    loss falls (McCandlish et al. 2018, sec. 3), which is why it is read at one stated step of one stated run."""
     from harness.train.config import from_dict
     from harness.train.trainer import train
 
     usable = [r for r in rows if r.eps_opt is not None]
     if not usable:
         return {"b_simple": None, "note": "no batch size trained: no run to measure"}
+    # The estimator of |G|^2 is noisy where B << B_simple (its noise is ~ tr(Sigma) / B): of two probed batch
+    # sizes equally near the boundary, take the larger.
     target = found.b_boundary or usable[-1].batch
-    row = min(usable, key=lambda r: abs(math.log2(r.batch / target)))
+    row = min(usable, key=lambda r: (round(abs(math.log2(r.batch / target)), 6), -r.batch))
     config = json.loads(json.dumps(base))
     config["batch"]["global_batch_size"] = row.batch
     config["optim"]["effective_lr"] = row.eps_opt
     config["budget"] = {"steps": steps, "epochs": None}
-    config["log"].update(noise_scale=True, every_steps=max(1, steps // 40), progress=False, tensorboard=False)
+    every = max(1, steps // 40)
+    while (steps // 2) % every:  # log exactly at the end of the constant phase
+        every -= 1
+    config["log"].update(noise_scale=True, every_steps=every, progress=False, tensorboard=False)
     config["eval"].update(every_steps=None, every_epochs=None, train_loss=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -138,9 +145,9 @@ def noise_scale_run(base: dict, rows: list[regime.Row], found: regime.Boundary, 
     if not series:
         return {"b_simple": None, "batch_size": row.batch, "effective_lr": row.eps_opt, "run_dir": str(run_dir),
                 "note": f"not measured (see {run_dir / 'train.log'}): the layout has no batch smaller than B"}
-    at_phase = [v for s, v in series if s <= steps // 2] or [series[0][1]]
-    return {"b_simple": at_phase[-1], "b_simple_final": result.get("b_simple"), "batch_size": row.batch,
-            "effective_lr": row.eps_opt, "step": max(s for s, _ in series if s <= steps // 2) if at_phase else None,
+    at_phase = dict(series).get(steps // 2)
+    return {"b_simple": at_phase, "b_simple_final": result.get("b_simple"), "batch_size": row.batch,
+            "effective_lr": row.eps_opt, "step": steps // 2, "ema_decay": config["log"]["noise_scale_decay"],
             "series": series, "run_dir": str(run_dir)}
 
 
