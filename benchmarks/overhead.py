@@ -111,6 +111,9 @@ def main() -> None:
           f"{args.repeats} alternating repeats (median)")
     for depth, width in zip(args.depth, args.width):
         steps = args.steps or (20 if depth * width >= 64 else 100)
+        # Warm-up, discarded: the first train() in a process imports torch's compiler stack (seconds), which would
+        # otherwise land in the first short run and make the first variant's marginal step time too small.
+        harness_step_time(shards, work, depth, width, args.batch, 1, 2)
         half = f"batch.micro_batch_size={args.batch // 2}"
         variants = {"harness": (), "noise": ("log.noise_scale=true",), "split": (half,),
                     "split+noise": (half, "log.noise_scale=true")}

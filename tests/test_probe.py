@@ -7,6 +7,7 @@ against its closed form sigma^2 tr(H) / |H w|^2 is tests/test_noise_scale.py's."
 import filecmp
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -49,8 +50,8 @@ def test_first_passage_and_critical_batch():
     assert branch.critical_batch(rows, 0.2) == (32, True)  # 8: 20 > 1.2 * 100 / 8 = 15; 16 does not count after it
     assert branch.critical_batch(rows[:3], 0.2) == (32, False)
     assert branch.default_target([(i, 10.0 - i) for i in range(10)]) == pytest.approx(5.5)
-    assert branch.parse_target("runs/a:120") == (branch.Path("runs/a"), 120)
-    assert branch.parse_target("runs/a") == (branch.Path("runs/a"), None)
+    assert branch.parse_target("runs/a:120") == (Path("runs/a"), 120)
+    assert branch.parse_target("runs/a") == (Path("runs/a"), None)
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -108,11 +109,13 @@ def test_probe_and_branches_on_the_noisy_quadratic(nqm, capsys):
     got = branch.run_branches(f"{trunk}:10", [1, 2, 4, 8, 16], 100, "test_loss", None, 0.2, None,
                               str(root / "branch"), 1, 3)
     assert got["b_crit"] and 0.25 < got["b_crit"] / got["b_simple"] < 4.0, (got["b_crit"], got["b_simple"])
-    first = got["rows"][0]["run_dirs"][0]
-    assert filecmp.cmp(trunk / "checkpoints" / "step-00000010.pt", f"{first}/checkpoints/step-00000010.pt", shallow=False)
-    result = json.loads(open(f"{got['rows'][1]['run_dirs'][0]}/result.json").read())
-    assert result["segments"][-1]["from_step"] == 10 and result["layout"]["global_batch_size"] == 2 * small["batch_size"]
-    rates = {json.loads(line)["effective_lr"] for line in open(f"{got['rows'][1]['run_dirs'][0]}/metrics.jsonl")
+    first, second = (Path(r["run_dirs"][0]) for r in got["rows"][:2])
+    checkpoint = "checkpoints/step-00000010.pt"
+    assert filecmp.cmp(trunk / checkpoint, first / checkpoint, shallow=False)  # copied whole; the trunk keeps its own
+    result = json.loads((second / "result.json").read_text())
+    assert result["segments"][-1]["from_step"] == 10
+    assert result["layout"]["global_batch_size"] == 2 * small["batch_size"]
+    rates = {json.loads(line)["effective_lr"] for line in (second / "metrics.jsonl").read_text().splitlines()
              if "effective_lr" in line}
     assert len(rates) == 1 and rates.pop() == pytest.approx(2 * small["eps_opt"])  # constant, k x the trunk's rate
     print(f"probe: eps_crit {report['eps_crit']} (closed form {exact:.3f}); boundary {report['b_boundary']}, "

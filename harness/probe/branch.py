@@ -33,9 +33,9 @@ from typing import Optional
 import yaml
 from harness.core import configlib
 from harness.core.errors import CheckpointError, ConfigError
-from harness.core.io import atomic_write_json
 from harness.core.status import COMPLETED
 from harness.probe.figures import branch_figure
+from harness.probe.output import publish
 from harness.sweep.spec import SweepSpec, expand
 
 PATTERN = "step-{:08d}.pt"
@@ -141,7 +141,7 @@ def critical_batch(rows: list[dict], tolerance: float) -> tuple[Optional[int], b
 
 def run_branches(target: str, ks: list[int], cap: int, metric: str, loss_target: Optional[float], tolerance: float,
                  eval_every: Optional[int], out: Optional[str], max_parallel: int, seeds: int = 3) -> dict:
-    from harness.sweep.local import duration, run_sweep
+    from harness.sweep.local import run_sweep
 
     started = time.time()
     run_dir, step = parse_target(target)
@@ -166,13 +166,7 @@ def run_branches(target: str, ks: list[int], cap: int, metric: str, loss_target:
           "order(s) (seeds)", flush=True)
     run_sweep(sweep, out / "branches", max_parallel, False, False)
     report = _report(sweep, out / "branches", run_dir, step, b, rate, ks, cap, metric, loss_target, tolerance)
-    report["wall_seconds"] = round(time.time() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    report["figure"] = str(branch_figure(report, out / "branch.png"))
-    atomic_write_json(out / "branch.json", report)
-    print(text_report(report, duration(time.time() - started)))
-    print(f"probe --branch: report {out / 'branch.json'}, figure {report['figure']}")
-    return report
+    return publish(out, "branch", report, branch_figure, text_report, started, "probe --branch")
 
 
 def _report(sweep, sweep_dir: Path, run_dir: Path, step: int, b: int, rate: float, ks: list[int], cap: int,

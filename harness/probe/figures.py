@@ -51,14 +51,8 @@ def probe_figure(report: dict, path: Path) -> Path:
     ax.set_ylim(2.0 ** (lo - 0.5), 2.0 ** (hi + 0.5))
     ax.set_xlabel("batch size B")
     ax.set_ylabel("effective learning rate eps_eff")
-    ax.set_title(f"probe: {Path(report['config']).stem}, {report['optimizer']}, {report['steps']} steps "
-                 "(o stable, x not)", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, f"probe: {Path(report['config']).stem}, {report['optimizer']}, "
+                                     f"{report['steps']} steps (o stable, x not)")
 
 
 def branch_figure(report: dict, path: Path) -> Path:
@@ -86,8 +80,13 @@ def branch_figure(report: dict, path: Path) -> Path:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("branch batch size B' = k B (eps_eff scaled by k, constant)")
     ax.set_ylabel(f"steps to {report['metric']} <= {report['target']:.4g}")
-    ax.set_title(f"branches from {Path(report['run_dir']).name} at step {report['step']} (mean over "
-                 f"{report['seeds']} data orders)", fontsize=10)
+    return _save(plt, fig, ax, path, f"branches from {Path(report['run_dir']).name} at step {report['step']} "
+                                     f"(mean over {report['seeds']} data orders)")
+
+
+def _save(plt, fig, ax, path: Path, title: str) -> Path:
+    """Title, grid, the legend beside the axes, a small PNG (dpi 90)."""
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()

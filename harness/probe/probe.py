@@ -19,9 +19,9 @@ from typing import Optional
 
 from harness.core import configlib
 from harness.core.errors import ConfigError
-from harness.core.io import atomic_write_json
 from harness.probe import regime
 from harness.probe.figures import probe_figure
+from harness.probe.output import publish
 from harness.train.config import config_hash, load_config, plan_of
 
 STABLE = ("completes without a non-finite loss, and both its mean training loss over the last floor(S/20) steps "
@@ -49,7 +49,7 @@ def default_out(config_path: str, cfg) -> Path:
 def run_probe(config_path: str, overrides: list[str], batch_sizes: Optional[list[int]], steps: int,
               lr_range: Optional[tuple[int, int]], seeds: int, out: Optional[str], max_parallel: int,
               max_rounds: int = 3) -> dict:
-    from harness.sweep.local import duration, run_sweep
+    from harness.sweep.local import run_sweep
 
     started = time.time()
     cfg = load_config(config_path, overrides)
@@ -83,14 +83,8 @@ def run_probe(config_path: str, overrides: list[str], batch_sizes: Optional[list
         "rows": [_row_dict(r) for r in rows], **found.as_dict(), "b_simple": noise.get("b_simple"),
         "noise_scale": noise,
         "recommendation": {"batch_size": found.b_boundary, "effective_lr": found.eps_max},
-        "wall_seconds": round(time.time() - started, 1),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    report["figure"] = str(probe_figure(report, out / "probe.png"))
-    atomic_write_json(out / "probe.json", report)
-    print(text_report(report, duration(time.time() - started)))
-    print(f"probe: report {out / 'probe.json'}, figure {report['figure']}")
-    return report
+    return publish(out, "probe", report, probe_figure, text_report, started, "probe")
 
 
 def _higher_is_better(sweep_dir: Path, sweep) -> bool:

@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from harness.core import configlib
 from harness.core.errors import ConfigError
@@ -78,8 +78,16 @@ def expand_grid(config: dict, batch_sizes: list[int], lr_log2: tuple[int, int], 
     return expand(grid_spec(config, batch_sizes, lr_log2, steps, seeds))
 
 
-def run_losses(run_dir: Path, steps: int) -> tuple[str, float, float, float, Optional[float]]:
-    """(status, first-step loss, constant-phase loss, final loss, test metric) of one finished run."""
+class RunLosses(NamedTuple):
+    status: str
+    first: float  # the first step's training loss (before any update)
+    phase: float  # mean training loss over the last floor(S/20) steps before floor(S/2)
+    final: float  # result.json train_loss; inf unless completed
+    metric: Optional[float]  # the test metric
+
+
+def run_losses(run_dir: Path, steps: int) -> RunLosses:
+    """What the probe reads of one finished run."""
     result = json.loads((run_dir / "result.json").read_text())
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -88,12 +96,10 @@ def run_losses(run_dir: Path, steps: int) -> tuple[str, float, float, float, Opt
             losses[record["step"]] = record["train_loss"]
     hold, window = steps // 2, max(1, steps // 20)
     phase = [losses[s] for s in range(hold - window + 1, hold + 1) if s in losses]
-    first = losses.get(1, math.nan)
-    phase_loss = sum(phase) / len(phase) if phase else math.inf
     final = result.get("train_loss")
     final = final if result["status"] == COMPLETED and final is not None else math.inf
-    metric = result.get(result.get("test_metric", ""))
-    return result["status"], first, phase_loss, final, metric
+    return RunLosses(result["status"], losses.get(1, math.nan), sum(phase) / len(phase) if phase else math.inf,
+                     final, result.get(result.get("test_metric", "")))
 
 
 def _finite_below(value: float, bound: float) -> bool:
@@ -104,20 +110,21 @@ def read_cells(sweep: Sweep, sweep_dir: Path, steps: int) -> list[Cell]:
     """The grid's runs as cells. The initial loss a run must get below is its seed's first-step loss at the LARGEST
     probed B: every B starts from the same weights (the seed's), and the first batch at a smaller B is the start of
     the one at the largest (global batch 0 is stream positions [0, B)), so that is the least noisy estimate."""
-    runs = {}
+    runs: dict[tuple[int, float], dict[int, RunLosses]] = {}
     for run in sweep.runs:
-        key = (run.point["batch.global_batch_size"], run.point["optim.effective_lr"], run.point["seed"])
-        runs[key] = run_losses(run.dir(sweep_dir), steps)
-    largest = max(b for b, _, _ in runs)
-    initial = {seed: first for (b, _, seed), (_, first, *_) in runs.items() if b == largest}
+        key = (run.point["batch.global_batch_size"], run.point["optim.effective_lr"])
+        runs.setdefault(key, {})[run.point["seed"]] = run_losses(run.dir(sweep_dir), steps)
+    largest = max(b for b, _ in runs)
+    initial = {seed: r.first for (b, _), by_seed in runs.items() if b == largest for seed, r in by_seed.items()}
     cells = []
-    for b, lr in sorted({(b, lr) for b, lr, _ in runs}):
-        at = [(initial[seed], *runs[(b, lr, seed)]) for bb, ll, seed in runs if (bb, ll) == (b, lr)]
-        stable = all(s == COMPLETED and _finite_below(p, i) and _finite_below(f, i) for i, s, _, p, f, _ in at)
-        metrics = [m for *_, m in at]
+    for (b, lr), by_seed in sorted(runs.items()):
+        at = list(by_seed.values())
+        stable = all(r.status == COMPLETED and _finite_below(r.phase, initial[s]) and _finite_below(r.final, initial[s])
+                     for s, r in by_seed.items())
+        metrics = [r.metric for r in at]
         metric = sum(metrics) / len(metrics) if all(isinstance(m, (int, float)) for m in metrics) else None
-        cells.append(Cell(b, lr, stable, _mean([r[4] for r in at]), _mean([r[3] for r in at]),
-                          _mean([r[0] for r in at]), metric, [r[1] for r in at]))
+        cells.append(Cell(b, lr, stable, _mean([r.final for r in at]), _mean([r.phase for r in at]),
+                          _mean([initial[s] for s in by_seed]), metric, [r.status for r in at]))
     return cells
 
 
