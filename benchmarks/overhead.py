@@ -11,7 +11,9 @@ The cost of the online gradient noise scale (`log.noise_scale`, harness/train/no
 way, as ratios of harness step times in the same run: (a) on against off at the default layout, where at world
 size 1 turning it on splits each batch into two micro-steps of B/2 (the measured cost is mostly that split);
 (b) on against off at two micro-steps for both (`batch.micro_batch_size` = B/2), the estimator's own cost (two
-gradient norms and a few scalars per step, on the device).
+gradient norms and a few scalars per step, on the device); (c) those operations alone on the model's real
+gradients, timed over 200 repeats, as a fraction of the step of (b): a precise number where (a) and (b) drown in
+the noise of a shared machine.
 
     python benchmarks/overhead.py                      # WRN-16-4 (the paper's model) and WRN-10-1, B = 64
     python benchmarks/overhead.py --depth 10 --width 1 --batch 128 --threads 1
@@ -92,6 +94,27 @@ def bare_step_time(shards: Path, depth: int, width: int, batch: int, steps: int,
     return sum(times) / len(times)
 
 
+def estimator_time(shards: Path, depth: int, width: int, batch: int, repeats: int = 200) -> float:
+    """Seconds per step of what log.noise_scale adds to a step that already has two micro-steps: the squared norm
+    of the first micro-step's gradients, the norm of the final gradient (otherwise only computed at log steps),
+    and the EMA update; on this model's real gradients, timed over many repeats (robust to machine noise)."""
+    from harness.train.noise_scale import NoiseScale, squared_norm
+
+    cfg = load_config(None, [f"data.path={shards}", "data.name=cifar10", "model.name=wrn", f"model.depth={depth}",
+                             f"model.width={width}", "budget.steps=1"]).model
+    torch.manual_seed(0)
+    model = models.build_model(cfg, DataSpec("cifar10", "classification", 1, 0, 10, (3, 32, 32)))
+    F.cross_entropy(model(torch.randn(batch, 3, 32, 32)), torch.randint(0, 10, (batch,))).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    noise = NoiseScale(batch // 2, batch, 0.99, torch.device("cpu"))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        small = squared_norm(grads) * 4.0
+        big = torch.nn.utils.get_total_norm(grads).double().square()
+        noise.observe(small, big)
+    return (time.perf_counter() - t0) / repeats
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, nargs="+", default=[16, 10])
@@ -133,6 +156,9 @@ def main() -> None:
             print(f"WRN-{depth}-{width}: harness {t['harness'] * 1e3:.1f} ms/step, bare loop {t['bare'] * 1e3:.1f} ms/step, "
                   f"ratio {t['harness'] / t['bare']:.3f} (target <= 1.05)")
         if noise:
+            est = estimator_time(shards, depth, width, args.batch)
+            print(f"WRN-{depth}-{width}: the estimator's own operations: {est * 1e3:.3f} ms/step = "
+                  f"{est / t['split']:.5f} of the harness step with 2 micro-steps ({t['split'] * 1e3:.1f} ms)")
             print(f"WRN-{depth}-{width}: log.noise_scale on / off: {t['noise'] / t['harness']:.3f} at the default layout "
                   f"(W = 1: B = {args.batch} split into 2 micro-steps of {args.batch // 2}); "
                   f"{t['split+noise'] / t['split']:.3f} with 2 micro-steps either way (the estimator alone; "
