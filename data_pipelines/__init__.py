@@ -5,7 +5,7 @@
   train_micro_batches(step)   this rank's A micro-batches of global batch `step`, as (inputs, targets)
   eval_batches()              this rank's share of the test split, each example exactly once over ranks
 Sources: memory.InMemoryImages (digits, CIFAR, MNIST: identical global batches at every layout),
-text.TokenStreams (PTB) and stream.StreamingImages (ImageNet: equal batch counts per rank, no repeats per epoch;
+text.TokenStreams (PTB), nqm.NoisyQuadratic (the noisy quadratic model) and stream.StreamingImages (ImageNet: equal batch counts per rank, no repeats per epoch;
 see their docstrings). None needs state in a checkpoint: the data position is a function of the step.
 """
 
@@ -32,6 +32,10 @@ def build_data(name, path, augment, eval_batch_size, plan, seed, rank, device, d
         if unroll is None:
             raise ConfigError(f"data {name!r} is token streams: use a language model (model.name: lstm)")
         return TokenStreams(path, manifest, plan, seed, rank, device, unroll, eval_batch_size)
+    if task == "quadratic":
+        from data_pipelines.nqm import NoisyQuadratic
+
+        return NoisyQuadratic(path, manifest, plan, seed, rank, device, dtype, eval_batch_size)
     if name in STREAMING:
         from data_pipelines.stream import StreamingImages
 

@@ -10,6 +10,16 @@ from data_pipelines.formats import SOURCES
 
 
 def cmd_data_synth(args) -> int:
+    if args.train is None:
+        args.train = 16384 if args.kind == "nqm" else 512
+    if args.kind == "nqm":
+        from data_pipelines.nqm import synth_nqm
+
+        manifest = synth_nqm(args.dest, args.train, args.dim, args.lambda_max, args.power, args.sigma, args.seed)
+        p = manifest["nqm"]
+        print(f"wrote the noisy quadratic to {args.dest}: {args.train} examples, d = {p['dim']}, h_j = "
+              f"{p['lambda_max']:g} j^-{p['power']:g}, sigma = {p['sigma']:g} (manifest only)")
+        return 0
     from data_pipelines.synth import synth
 
     manifest = synth(args.kind, args.dest, args.train, args.test, seed=args.seed)
@@ -65,11 +75,17 @@ def _positive_int(text: str) -> int:
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="make dataset shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write small synthetic shards in a dataset's exact format (for tests)")
-    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb", "imagenet"])
+    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb", "imagenet", "nqm"])
     p.add_argument("dest")
-    p.add_argument("--train", type=int, default=512, help="training examples, or tokens for ptb (default 512)")
+    p.add_argument("--train", type=int, default=None,
+                   help="training examples, or tokens for ptb (default 512; nqm: 16384)")
     p.add_argument("--test", type=int, default=256, help="test (imagenet: val) examples, or tokens for ptb (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    q = p.add_argument_group("nqm (the noisy quadratic model, data_pipelines/nqm.py)")
+    q.add_argument("--dim", type=_positive_int, default=32, help="dimensions d (default 32)")
+    q.add_argument("--lambda-max", type=float, default=1.0, help="largest curvature h_1 (default 1)")
+    q.add_argument("--power", type=float, default=1.0, help="h_j = lambda_max j^-power (default 1, Zhang et al.)")
+    q.add_argument("--sigma", type=float, default=1.0, help="noise: Var(x_j) = sigma^2 / h_j, Sigma = sigma^2 H (default 1)")
     p.set_defaults(func=cmd_data_synth)
 
     p = data.add_parser(

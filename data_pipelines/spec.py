@@ -15,6 +15,7 @@ class DataSpec:
     num_classes: int = 0
     in_shape: tuple[int, ...] = ()  # (C, H, W) for images
     vocab_size: int = 0
+    curvature: tuple[float, ...] = ()  # the noisy quadratic's Hessian diagonal (data_pipelines/nqm.py)
 
 
 STREAMING = ("imagenet",)  # too large for memory: streamed from the shards by data_pipelines/stream.py
@@ -41,4 +42,5 @@ def spec_from_manifest(manifest: dict) -> DataSpec:
         num_classes=len(manifest.get("classes", [])),
         in_shape=tuple(shape),
         vocab_size=manifest.get("vocab_size", 0),
+        curvature=tuple((manifest.get("nqm") or {}).get("curvature", ())),
     )

@@ -1,5 +1,6 @@
 """`harness` command line: argument parsing and dispatch only. Each subpackage defines its own commands
-(train and plan here; data: data_pipelines/cli.py; sweep: sweep/cli.py; analyze: analysis/cli.py; demo: demo.py),
+(train and plan here; data: data_pipelines/cli.py; sweep: sweep/cli.py; analyze: analysis/cli.py; demo: demo.py;
+probe: probe/cli.py),
 and each command imports what it needs when it runs, so `harness analyze` never loads torch.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipelines.cli import add_parsers as add_data_parsers
     from harness.analysis.cli import add_parser as add_analyze_parser
     from harness.demo import add_parser as add_demo_parser
+    from harness.probe.cli import add_parser as add_probe_parser
     from harness.sweep.cli import add_parsers as add_sweep_parsers
 
     parser = argparse.ArgumentParser(prog="harness", description="Large-batch SGD scaling harness (Smith, Elsen & De 2020).")
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)  # sweep, sweep-task
     add_analyze_parser(sub)
     add_demo_parser(sub)
+    add_probe_parser(sub)  # probe CONFIG | probe --branch RUN_DIR[:STEP]
     add_data_parsers(sub)  # data synth | convert | verify
     return parser
 

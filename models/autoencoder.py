@@ -42,7 +42,7 @@ class AutoencoderConfig(ModelConfig):
             raise ConfigError(f"config key {path}.widths: give one or more positive layer widths, got {self.widths}")
 
     def task(self, data_task: str) -> str:
-        return "reconstruction" if data_task == "classification" else data_task
+        return "reconstruction" if data_task == "classification" else super().task(data_task)
 
 
 def sparse_init_(linear: nn.Linear, connections: int, generator: torch.Generator | None = None) -> None:

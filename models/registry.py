@@ -22,6 +22,10 @@ class ModelConfig:
 
     def task(self, data_task: str) -> str:
         """The objective this model trains for on data of `data_task` (the autoencoder: reconstruction)."""
+        if data_task == "quadratic":
+            from harness.core.errors import ConfigError
+
+            raise ConfigError(f"data nqm (the noisy quadratic) trains model.name: quadratic, not {self.name}")
         return data_task
 
     def sequence_length(self) -> int | None:

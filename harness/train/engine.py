@@ -116,9 +116,11 @@ class EngineBase:
             self.noise.load_state_dict(state.get("noise_scale", {}))
 
 
-def _local_norm_hook(engine: EngineBase, bucket: dist.GradBucket) -> torch.futures.Future:
+def _local_norm_hook(engine, bucket):
     """DDP communication hook (noise scale at A = 1, W >= 2): add the squared norm of this bucket of the rank's
-    local gradient (the mean over its B / W examples), then all-reduce it as DDP's default hook does."""
+    local gradient (the mean over its B / W examples), then all-reduce it as DDP's default hook does.
+    No annotations: DDP compares them with dist.GradBucket and torch.futures.Future, and under this module's
+    `from __future__ import annotations` they are strings, which register_comm_hook refuses (ValueError)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     engine._small_sq = engine._small_sq + bucket.buffer().double().square().sum()

@@ -172,6 +172,25 @@ class LanguageModel(Objective):
         self.restored = state.get("hidden")
 
 
+class Quadratic(Objective):
+    """The noisy quadratic model (models/quadratic.py, data_pipelines/nqm.py): the model returns each example's
+    loss. `test_loss` is exactly the excess loss 1/2 w^T H w (the test split is the population mean)."""
+
+    metric = "test_loss"
+    higher_is_better = False
+    stat_names = ("loss_sum", "count")
+
+    def __call__(self, model, batch):
+        losses = model(batch[0])
+        loss_sum = losses.sum()
+        return loss_sum, _stats(loss_sum, len(losses))
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        loss_sum, count = stats.tolist()
+        return {"loss": loss_sum / count}
+
+
 def for_task(task: str):
-    objectives = {"classification": Classification, "reconstruction": Reconstruction, "language_model": LanguageModel}
+    objectives = {"classification": Classification, "reconstruction": Reconstruction, "language_model": LanguageModel,
+                  "quadratic": Quadratic}
     return objectives[task]()
