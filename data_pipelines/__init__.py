@@ -4,7 +4,7 @@
   spec                        what the model needs to know (task, classes, input shape, sizes)
   train_micro_batches(step)   this rank's A micro-batches of global batch `step`, as (inputs, targets)
   eval_batches()              this rank's share of the test split, each example exactly once over ranks
-Sources: memory.InMemoryImages (digits, CIFAR, MNIST: identical global batches at every layout),
+Sources: memory.InMemoryImages (digits, CIFAR, MNIST, MNIST-1D: identical global batches at every layout),
 text.TokenStreams (PTB), nqm.NoisyQuadratic (the noisy quadratic model) and stream.StreamingImages (ImageNet: equal batch counts per rank, no repeats per epoch;
 see their docstrings). None needs state in a checkpoint: the data position is a function of the step.
 """

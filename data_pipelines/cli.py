@@ -94,7 +94,7 @@ def add_parsers(sub) -> None:
                     "command keeps complete, verified shards. SRC per KIND: "
                     + "; ".join(f"{k}: {v}" for k, v in SOURCES.items()))
     p.add_argument("kind", choices=list(SOURCES))
-    p.add_argument("src", help="the source file or folder (see above; digits: '-')")
+    p.add_argument("src", help="the source file or folder (see above; digits, mnist1d: '-')")
     p.add_argument("dest", help="output directory")
     p.add_argument("--shard-size", type=_positive_int, default=None,
                    help="examples per shard (default 10000; ptb: 100,000-token chunks per shard, default 10)")

@@ -8,8 +8,8 @@ from typing import Literal, Optional
 from harness.core.configlib import non_negative, positive
 from harness.core.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "ptb", "imagenet", "nqm")  # nqm: data_pipelines/nqm.py
-IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist")  # data_pipelines/memory.py reads these
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "mnist1d", "ptb", "imagenet", "nqm")  # nqm: data_pipelines/nqm.py
+IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist", "mnist1d")  # data_pipelines/memory.py reads these
 
 
 @dataclass

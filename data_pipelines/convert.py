@@ -8,8 +8,10 @@
     imagenet  an ILSVRC2012 folder: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or val/*.JPEG plus a label file
               (see data_pipelines/imagenet.py)
     digits    `-`: scikit-learn ships it
+    mnist1d   `-`: the `mnist1d` package generates it (Greydanus 2020), offline
 
-Images become PNG members (CIFAR, MNIST: lossless) or keep their JPEG bytes (ImageNet); PTB becomes the
+Images become PNG members (CIFAR, MNIST: lossless) or keep their JPEG bytes (ImageNet); MNIST-1D's float
+signals become float32 .npy members of shape (1, 1, 40) (C, H, W: one channel, one row); PTB becomes the
 token-stream format of data_pipelines/tokens.py. Re-running the same command keeps every shard that is
 complete and matches its checksum (and was made from the same source), and rewrites the rest.
 """
@@ -45,6 +47,48 @@ def convert_digits(dest: Path, per_shard: int = 1000) -> dict:
     xtr, xte, ytr, yte = train_test_split(images, digits.target, test_size=450, stratify=digits.target, random_state=0)
     return write_image_dataset("digits", dest, {"train": (xtr, ytr), "test": (xte, yte)},
                                [str(i) for i in range(10)], per_shard, extra={"source": "sklearn.datasets.load_digits"})
+
+
+# --------------------------------------------------------------------------------------------- MNIST-1D
+
+MNIST1D_PIN = "mnist1d==0.0.2.post1"  # pyproject.toml pins it: the generator's output depends on its code
+
+
+def read_mnist1d() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """MNIST-1D (Greydanus 2020, arXiv 2011.14439) from the `mnist1d` package's generator with its default
+    arguments: 5000 signals of length 40, 10 classes, the package's own 4000 train / 1000 test split (seed 42).
+    Generated offline (the package can also download its pickle; we never do). Returns the splits as float32
+    (N, 1, 40, 1) arrays (H, W, C: one row, 40 positions, one channel) plus labels, and the arguments used."""
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:
+        raise DataError(f"mnist1d needs the mnist1d package ({e}); install it: pip install {MNIST1D_PIN}") from None
+    args = get_dataset_args()
+    # make_dataset seeds numpy's and Python's global generators (set_seed): restore them afterwards.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    splits = {}
+    for split, (xk, yk) in (("train", ("x", "y")), ("test", ("x_test", "y_test"))):
+        x, y = np.asarray(data[xk]), np.asarray(data[yk]).astype(np.int64)
+        if x.ndim != 2 or len(x) != len(y) or not np.isfinite(x).all():
+            raise DataError(f"the mnist1d generator returned {split} signals of shape {x.shape} with {len(y)} labels "
+                            f"(finite: {bool(np.isfinite(x).all())}), not N x length with N labels; reinstall {MNIST1D_PIN}")
+        splits[split] = (x.astype(np.float32)[:, None, :, None], y)
+    source = {k: v for k, v in vars(args).items() if k != "url"}
+    return splits, source
+
+
+def convert_mnist1d(dest: Path, per_shard: int = 1000) -> dict:
+    splits, args = read_mnist1d()
+    return write_image_dataset("mnist1d", dest, splits, [str(i) for i in range(10)], per_shard, ext="npy",
+                               extra={"source": f"{MNIST1D_PIN} make_dataset (generated offline)",
+                                      "generator_args": args})
 
 
 # --------------------------------------------------------------------------------------------- CIFAR
@@ -269,6 +313,11 @@ def convert(kind: str, src: str, dest: Path, shard_size: int | None = None, shar
     dest = Path(dest)
     if kind == "digits":
         return convert_digits(dest, shard_size or DEFAULT_SHARD_SIZE["digits"])
+    if kind == "mnist1d":
+        if src != "-":
+            raise DataError(f"mnist1d is generated, not read: pass '-' as SRC (got {src!r}), "
+                            "as in `harness data convert mnist1d - DIR`")
+        return convert_mnist1d(dest, shard_size or DEFAULT_SHARD_SIZE["mnist1d"])
     path = Path(src)
     if not path.exists():
         raise DataError(f"{kind} source {path} does not exist; pass {SOURCES[kind]}")

@@ -3,6 +3,7 @@
 # What SRC must be, per kind (error messages and `harness data convert --help`).
 SOURCES = {
     "digits": "-  (scikit-learn ships the digits)",
+    "mnist1d": "-  (the mnist1d package generates MNIST-1D offline)",
     "cifar10": "cifar-10-python.tar.gz, or its extracted folder cifar-10-batches-py/ "
                "(https://www.cs.toronto.edu/~kriz/cifar.html)",
     "cifar100": "cifar-100-python.tar.gz, or its extracted folder cifar-100-python/ "
@@ -14,7 +15,7 @@ SOURCES = {
     "imagenet": "an ILSVRC2012 folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
                 "(or val/*.JPEG with --val-labels FILE)",
 }
-DEFAULT_SHARD_SIZE = {"digits": 1000, "cifar10": 10000, "cifar100": 10000, "mnist": 10000, "ptb": 10}
+DEFAULT_SHARD_SIZE = {"digits": 1000, "mnist1d": 1000, "cifar10": 10000, "cifar100": 10000, "mnist": 10000, "ptb": 10}
 
 # The SRC a user passes to `harness data convert KIND SRC DIR`, as it is usually named.
 CONVERT_SRC = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz", "mnist": "MNIST_DIR",

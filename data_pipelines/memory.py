@@ -1,4 +1,4 @@
-"""In-memory reader for small image datasets (digits, CIFAR, MNIST).
+"""In-memory reader for small image datasets (digits, CIFAR, MNIST) and 1-D signals (MNIST-1D).
 
 Ordering guarantee (exact, at every layout): global batch i is exactly the stream positions [i B, (i+1) B) of
 `order.ExampleOrder(N, seed)` (one permutation of the N training examples per epoch, drawn from (seed, epoch)),
@@ -10,6 +10,10 @@ The uint8 images live on the training device, so cropping and normalization run 
 Training micro-batches are (inputs, targets, keys): keys are the examples' 64-bit (seed, epoch, index) keys
 as int64, for per-example dropout masks (models.dropout). Task "reconstruction" (the autoencoder): inputs
 scaled to [0, 1] (x / 255, no mean/std normalization) and targets = inputs.
+
+1-D signals (MNIST-1D) are images of one row: (C, 1, L), stored as float32 .npy members (manifest `"dtype":
+"float32"`, its mean and std of the raw values). The same store, order, keys and normalization serve them; they
+have no augmentation, so every layout gives the same batches exactly as for images.
 
 Held-out split (`data.train_examples: N`): the run trains on N of the split's examples, the first N of ONE
 permutation of the split drawn from a fixed seed (HOLDOUT_TAG and the split's size, never the run's seed), kept
@@ -36,7 +40,11 @@ from data_pipelines.spec import DataSpec
 from harness.core.errors import ConfigError, DataError
 
 # (pad, flip) of each dataset's standard augmentation; pad 0 means none.
-AUGMENT = {"cifar10": (4, True), "cifar100": (4, True), "digits": (1, False), "mnist": (0, False)}
+# MNIST-1D: none (its generator already shifts, scales, shears and adds noise to every example; Greydanus trains
+# without augmentation).
+AUGMENT = {"cifar10": (4, True), "cifar100": (4, True), "digits": (1, False), "mnist": (0, False), "mnist1d": (0, False)}
+# The stored value types: uint8 pixels (0..255, normalized as x / 255) or float32 values (normalized as they are).
+VALUE_TYPES = {"uint8": (np.uint8, 255.0), "float32": (np.float32, 1.0)}
 IMAGE_EXTS = ("png", "jpg", "jpeg", "npy")
 HOLDOUT_TAG = 0x5EED_0003  # the held-out split's permutation seed (data_pipelines/order.py has the others)
 
@@ -62,7 +70,7 @@ def _decode(sample: dict) -> np.ndarray:
 
 
 def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split as uint8 (N, C, H, W) plus int64 labels, in canonical (key) order.
+    """All images of a split as uint8 (or the manifest's float32) (N, C, H, W) plus int64 labels, in key order.
 
     skip_bad: leave out unreadable samples and labels out of range (and read what a shard that fails its
     checksum still holds), warn with the count; the split then has fewer examples than the manifest says.
@@ -81,7 +89,8 @@ def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -
         paths = verify_shards(root, entry)
     c, h, w = manifest["image_shape"]
     n, classes = entry["size"], len(manifest["classes"])
-    images = np.zeros((n, h, w, c), dtype=np.uint8)
+    dtype = np.dtype(value_type(manifest, root)[0])
+    images = np.zeros((n, h, w, c), dtype=dtype)
     labels = np.full(n, -1, dtype=np.int64)
     bad: list[str] = []
 
@@ -109,6 +118,9 @@ def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -
         if image.size != h * w * c:
             reject(f"{where}: image of shape {image.shape} is not {c}x{h}x{w}; re-run the conversion into {root}")
             continue
+        if image.dtype != dtype:
+            reject(f"{where}: values of type {image.dtype}, the manifest says {dtype}; re-run the conversion into {root}")
+            continue
         images[index] = image.reshape(h, w, c)
         labels[index] = label
     missing = labels < 0
@@ -122,6 +134,15 @@ def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -
         if not len(labels):
             raise DataError(f"the {split!r} split in {root} has no readable example left; re-run the conversion")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+
+def value_type(manifest: dict, root: Path) -> tuple[type, float]:
+    """(numpy type, full-scale value) of the stored values: uint8 pixels (255) unless the manifest says float32 (1)."""
+    name = manifest.get("dtype", "uint8")
+    if name not in VALUE_TYPES:
+        raise DataError(f"{root / 'manifest.json'}: dtype {name!r} is not one of {', '.join(VALUE_TYPES)}; "
+                        "re-run the conversion with this version of the harness")
+    return VALUE_TYPES[name]
 
 
 def _skip_rest_of_shard(bad: list[str]):
@@ -155,12 +176,17 @@ class InMemoryImages:
         self.test_x, self.test_y = (t.to(device) for t in load_split(root, manifest, "test", skip_bad))
         self.order = ExampleOrder(len(self.train_y), seed)  # the host reference of the device order below
         self._orders = {seed: DeviceOrder(len(self.train_y), seed, device)}  # and other seeds' (packed runs)
-        # x_normalized = x_uint8 * scale + shift, per channel: (x / 255 - mean) / std.
+        # x_normalized = x * scale + shift, per channel: (x / full - mean) / std, full = 255 for uint8 pixels and
+        # 1 for float32 values (whose manifest mean and std are of the raw values).
+        _, full = value_type(manifest, root)
         std = torch.tensor(manifest["std"], dtype=torch.float64)
         mean = torch.tensor(manifest["mean"], dtype=torch.float64)
-        self.scale = (1.0 / (255.0 * std)).to(device, dtype).view(1, -1, 1, 1)
+        self.scale = (1.0 / (full * std)).to(device, dtype).view(1, -1, 1, 1)
         self.shift = (-mean / std).to(device, dtype).view(1, -1, 1, 1)
         if self.reconstruct:  # pixels in [0, 1]: the autoencoder's logistic outputs reconstruct them
+            if full != 255.0:
+                raise ConfigError(f"data {self.kind!r} holds float values, not pixels in [0, 255]: the autoencoder "
+                                  "reconstructs images (mnist); use a classifier for it")
             self.scale = torch.full_like(self.scale, 1.0 / 255.0)
             self.shift = torch.zeros_like(self.shift)
         self.spec = DataSpec(

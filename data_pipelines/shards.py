@@ -111,8 +111,8 @@ def write_manifest(dest: Path, manifest: dict) -> None:
 
 
 def convert_hint(kind: str) -> str:
-    if kind == "digits":
-        return "create it with `harness data convert digits - DIR`"
+    if kind in ("digits", "mnist1d"):
+        return f"create it with `harness data convert {kind} - DIR`"
     src = CONVERT_SRC.get(kind, "SRC")
     return f"create it with `harness data convert {kind} {src} DIR` (or `harness data synth {kind} DIR` for a synthetic stand-in)"
 

@@ -13,7 +13,7 @@ class DataSpec:
     num_train: int
     num_test: int
     num_classes: int = 0
-    in_shape: tuple[int, ...] = ()  # (C, H, W) for images
+    in_shape: tuple[int, ...] = ()  # (C, H, W) for images; (C, 1, L) for 1-D signals
     vocab_size: int = 0
     curvature: tuple[float, ...] = ()  # the noisy quadratic's Hessian diagonal (data_pipelines/nqm.py)
 
@@ -26,6 +26,7 @@ KNOWN = {
     "cifar10": DataSpec("cifar10", "classification", 50000, 10000, 10, (3, 32, 32)),
     "cifar100": DataSpec("cifar100", "classification", 50000, 10000, 100, (3, 32, 32)),
     "mnist": DataSpec("mnist", "classification", 60000, 10000, 10, (1, 28, 28)),
+    "mnist1d": DataSpec("mnist1d", "classification", 4000, 1000, 10, (1, 1, 40)),  # signals of length 40
     "imagenet": DataSpec("imagenet", "classification", 1281167, 50000, 1000, (3, 224, 224)),
     # Zaremba's PTB with <eos> per line: sizes in tokens.
     "ptb": DataSpec("ptb", "language_model", 929589, 82430, vocab_size=10000),

@@ -1,5 +1,6 @@
 """Writing a dataset's shards resumably: the source fingerprint, the partial manifest an interrupted conversion
-resumes from, the progress bar, and in-memory image splits as PNG shards (CIFAR, MNIST, digits)."""
+resumes from, the progress bar, and in-memory image splits as PNG shards (CIFAR, MNIST, digits) or float32 .npy
+shards (MNIST-1D)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,10 @@ class SplitWriter:
 
 def write_image_dataset(kind: str, dest: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                         classes: list[str], per_shard: int, ext: str = "png", extra: dict | None = None) -> dict:
-    """Write in-memory (N, H, W, C) uint8 images + labels per split as shards, resumably, with a progress bar."""
+    """Write in-memory (N, H, W, C) uint8 images + labels per split as shards, resumably, with a progress bar.
+
+    float32 arrays (MNIST-1D's signals, as (N, 1, L, C)) are written as .npy members (ext "npy") and the manifest
+    records `"dtype": "float32"`: their mean and std are of the raw values, not of values / 255."""
     dest = Path(dest)
     for split, (images, labels) in splits.items():
         if len(labels) == 0:
@@ -114,6 +118,12 @@ def write_image_dataset(kind: str, dest: Path, splits: dict[str, tuple[np.ndarra
             i = int(np.flatnonzero(bad)[0])
             raise DataError(f"{kind} {split} label {int(labels[i])} of example {i} is outside 0..{len(classes) - 1}; "
                             "the source file is corrupt: download it again")
+    dtype = splits["train"][0].dtype
+    if dtype not in (np.uint8, np.float32) or any(x.dtype != dtype for x, _ in splits.values()):
+        raise DataError(f"{kind}: images must be all uint8 or all float32 arrays, got "
+                        f"{', '.join(str(x.dtype) for x, _ in splits.values())}")  # a converter's bug, not the user's
+    if dtype == np.float32 and ext != "npy":
+        raise DataError(f"{kind}: float32 images are stored as .npy members, not {ext}")
     fp = fingerprint(kind, ext, classes, *[a for pair in splits.values() for a in pair])
     writer = SplitWriter(kind, dest, fp, sum(len(y) for _, y in splits.values()))
     entries = {}
@@ -125,16 +135,20 @@ def write_image_dataset(kind: str, dest: Path, splits: dict[str, tuple[np.ndarra
         entries[split] = writer.split(split, gen, len(labels), per_shard)
     train = splits["train"][0]
     c = train.shape[-1]
-    # Per-channel mean and std of the training images in [0, 1]: the reader's normalization.
-    # Exact, from per-channel histograms of the uint8 values (no float copy of the whole training set).
     pixels = train.reshape(-1, c)
-    hist = np.stack([np.bincount(pixels[:, ch], minlength=256) for ch in range(c)]).astype(np.float64)
-    values = np.arange(256) / 255
-    mean = hist @ values / len(pixels)
-    std = np.sqrt(np.maximum(hist @ values**2 / len(pixels) - mean**2, 0))
+    if dtype == np.float32:  # raw values: small float datasets, in float64
+        mean, std = pixels.mean(0, dtype=np.float64), pixels.std(0, dtype=np.float64)
+    else:
+        # Per-channel mean and std of the training images in [0, 1]: the reader's normalization.
+        # Exact, from per-channel histograms of the uint8 values (no float copy of the whole training set).
+        hist = np.stack([np.bincount(pixels[:, ch], minlength=256) for ch in range(c)]).astype(np.float64)
+        values = np.arange(256) / 255
+        mean = hist @ values / len(pixels)
+        std = np.sqrt(np.maximum(hist @ values**2 / len(pixels) - mean**2, 0))
     manifest = {
         "kind": kind, "task": "classification", "image_shape": [c, *train.shape[1:3]], "classes": classes,
-        "mean": mean.tolist(), "std": std.tolist(), **(extra or {}), "splits": entries,
+        "mean": mean.tolist(), "std": std.tolist(), **({"dtype": "float32"} if dtype == np.float32 else {}),
+        **(extra or {}), "splits": entries,
     }
     return writer.finish(manifest)
 

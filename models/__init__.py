@@ -6,5 +6,5 @@ serves every layout; only `ghost_bn` touches torch.distributed, because a ghost-
 """
 
 # Importing the families fills the registry.
-from models import autoencoder, lstm, mlp, quadratic, resnet, wide_resnet  # noqa: E402,F401
+from models import autoencoder, convnet, lstm, mlp, quadratic, resnet, wide_resnet  # noqa: E402,F401
 from models.registry import ModelConfig, build_model, config_class, count_parameters, names, register  # noqa: F401

@@ -5,10 +5,13 @@ import argparse
 import gzip
 import json
 import os
+import shutil
+import sys
 import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipelines.cli import cmd_data_verify
 from data_pipelines.convert import convert
@@ -239,3 +242,48 @@ def test_imagenet_bad_inputs(tmp_path):
         keys += [n for n in tarfile.open(tmp_path / "out" / shard["name"]).getnames() if n.endswith(".jpg")]
     assert len(set(keys)) == 29
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["size"] == 29
+
+
+# --------------------------------------------------------------------------------------------- MNIST-1D
+
+
+def test_mnist1d_is_the_generators_dataset_as_float_signals(tmp_path, mnist1d_shards):
+    """`harness data convert mnist1d - DIR`: the package's default dataset (4000 train / 1000 test signals of
+    length 40), stored exactly as float32 (1, 1, 40) signals, without touching numpy's global generator."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    m = read_manifest(mnist1d_shards, "mnist1d")
+    assert m["image_shape"] == [1, 1, 40] and m["dtype"] == "float32" and m["classes"] == [str(i) for i in range(10)]
+    assert (m["splits"]["train"]["size"], m["splits"]["test"]["size"]) == (4000, 1000)
+    assert m["generator_args"]["seed"] == 42 and "mnist1d==" in m["source"]
+    assert sorted(tarfile.open(mnist1d_shards / "train-000000.tar").getnames()[:2]) == ["00000000.cls", "00000000.npy"]
+    expect = make_dataset(get_dataset_args())
+    for split, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
+        x, y = load_split(mnist1d_shards, m, split)
+        assert x.dtype == torch.float32 and x.shape == (len(expect[yk]), 1, 1, 40)
+        assert np.array_equal(x[:, 0, 0].numpy(), expect[xk].astype(np.float32)) and np.array_equal(y.numpy(), expect[yk])
+    # The manifest's mean and std are of the raw values (the generator centres them and scales them to std 1).
+    assert abs(m["mean"][0]) < 0.01 and abs(m["std"][0] - 1) < 0.01
+    np.random.seed(0)
+    state, before = np.random.get_state()[1].copy(), shard_mtimes(mnist1d_shards)
+    again = convert("mnist1d", "-", mnist1d_shards)  # a re-run keeps the verified shards, and the caller's generator
+    assert again["fingerprint"] == m["fingerprint"] and shard_mtimes(mnist1d_shards) == before
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_mnist1d_bad_input_is_one_line(tmp_path, monkeypatch, mnist1d_shards):
+    line = converted_error("mnist1d", tmp_path / "mnist1d_data.pkl", tmp_path / "out")
+    assert "mnist1d is generated, not read: pass '-' as SRC" in line and "harness data convert mnist1d - DIR" in line
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)  # as if the package were not installed
+    with pytest.raises(DataError, match=r"install it: pip install mnist1d==0\.0\.2\.post1"):
+        convert("mnist1d", "-", tmp_path / "out")
+    # Shards whose values are not the manifest's type, or a manifest type the reader does not know.
+    dest = tmp_path / "shards"
+    shutil.copytree(mnist1d_shards, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for dtype, message in (("uint8", "values of type float32, the manifest says uint8"),
+                           ("float16", "dtype 'float16' is not one of uint8, float32")):
+        (dest / "manifest.json").write_text(json.dumps({**manifest, "dtype": dtype}))
+        with pytest.raises(DataError, match=message) as e:
+            load_split(dest, read_manifest(dest, "mnist1d"), "test")
+        assert "\n" not in str(e.value)

@@ -28,6 +28,7 @@ def build(spec_name, **model):
     ("imagenet", {"name": "resnet"}, 25_557_032),
     ("ptb", {"name": "lstm"}, 19_780_400),  # Zaremba medium: 2 x 650, vocabulary 10,000
     ("mnist", {"name": "autoencoder"}, 2_837_314),  # 784-1000-500-250-30-250-500-1000-784
+    ("mnist1d", {"name": "convnet"}, 9_706),  # 160 + 3,072 + 3,072 conv, 3 x 64 ghost BN, 320 x 10 + 10
 ])
 def test_parameter_counts(spec, model, count):
     assert models.count_parameters(build(spec, **model)) == count
@@ -92,6 +93,11 @@ def test_wrn_skipinit_is_regularized_skipinit():
     ({"name": "lstm", "dropout": -0.1}, "model.dropout: a probability in [0, 1)"),
     ({"name": "lstm", "unrol": 35}, "unknown config key model.unrol (did you mean 'unroll'?)"),
     ({"name": "autoencoder", "widths": []}, "model.widths: give one or more positive layer widths"),
+    ({"name": "convnet", "kernels": [5, 3]}, "model.kernels: one kernel size per layer of model.channels (3), got 2"),
+    ({"name": "convnet", "kernels": [4, 3, 3]}, "model.kernels: odd positive sizes"),
+    ({"name": "convnet", "channels": []}, "model.channels: give one or more positive channel counts"),
+    ({"name": "convnet", "chanels": [8]}, "unknown config key model.chanels (did you mean 'channels'?)"),
+    ({"name": "convnet", "ghost_batch_size": 0}, "model.ghost_batch_size"),
 ])
 def test_model_keys_are_validated(model, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -104,6 +110,57 @@ def test_model_and_data_must_match():
         models.build_model(cfg.model, KNOWN["cifar10"])
     with pytest.raises(ConfigError, match="wrn needs labelled images"):
         models.build_model(from_dict({"data": {"name": "ptb", "path": "/x"}, "budget": {"steps": 1}}).model, KNOWN["ptb"])
+    with pytest.raises(ConfigError, match=r"convnet needs labelled 1-D signals, \(C, 1, L\) \(mnist1d\); data 'cifar10'"):
+        models.build_model(from_dict({"model": {"name": "convnet"}, "data": {"name": "cifar10", "path": "/x"},
+                                      "budget": {"steps": 1}}).model, KNOWN["cifar10"])
+
+
+def convnet(**keys):
+    cfg = from_dict({"model": {"name": "convnet", **keys}, "data": {"name": "mnist1d", "path": "/x"},
+                     "budget": {"steps": 1}}).model
+    return models.build_model(cfg, KNOWN["mnist1d"])
+
+
+def test_convnet_shapes_and_ghost_groups():
+    """Signals (N, 1, 1, 40) -> logits (N, 10); every norm is a ghost BN over groups of ghost_batch_size examples:
+    in training, an example's output depends on its own group only."""
+    from models.ghost_bn import ghost_bn_layers, update_running_stats
+
+    torch.manual_seed(0)
+    model = convnet(ghost_batch_size=16, channels=[8, 8, 8])
+    layers = ghost_bn_layers(model)
+    assert [(l.num_features, l.ghost_batch_size) for l in layers] == [(8, 16)] * 3
+    assert not any(getattr(m, "inplace", False) for m in model.modules())  # no in-place ops (vmap packing)
+    x = torch.randn(48, 1, 1, 40)
+    y = model(x)
+    assert y.shape == (48, 10)
+    x2 = x.clone()
+    x2[16:32] = 3 * torch.randn(16, 1, 1, 40) + 1  # change group 2 only
+    y2 = model(x2)
+    assert torch.equal(y2[:16], y[:16]) and torch.equal(y2[32:], y[32:]) and not torch.allclose(y2[16:32], y[16:32])
+    # Group 1 alone gives what it gave inside the batch (fp32 round-off): its statistics are its own.
+    assert torch.allclose(model(x[:16]), y[:16], atol=1e-5)
+    assert [int(l.stat_accumulator[-1]) for l in layers] == [3 + 3 + 1] * 3  # groups seen since the last update
+    update_running_stats(model)
+    assert all(l.stat_accumulator.abs().sum() == 0 and not torch.equal(l.running_mean, torch.zeros(8)) for l in layers)
+    with pytest.raises(RuntimeError, match="not a multiple of ghost_batch_size=16"):
+        model(x[:40])
+    model.eval()  # evaluation: running statistics, any batch size
+    assert model(x[:5]).shape == (5, 10)
+
+
+def test_convnet_runs_batch_under_vmap():
+    """Three models stacked and run by torch.func.vmap in training mode equal each model run alone: the model is
+    plain modules and GhostBatchNorm, as packed runs (harness/train/packed.py) need."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    nets = [convnet(ghost_batch_size=16) for _ in range(3)]
+    params, buffers = stack_module_state(nets)
+    x = torch.randn(3, 32, 1, 1, 40)
+    packed = vmap(lambda p, b, xi: functional_call(nets[0], (p, b), (xi,)))(params, buffers, x)
+    alone = torch.stack([net(x[i]) for i, net in enumerate(nets)])
+    assert torch.allclose(packed, alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("model, data, batch, budget, params, steps", [

@@ -323,3 +323,35 @@ def test_local_workers_take_one_device_each(monkeypatch):
     assert seen == ["0", "1", "2", "3", "0"]
     assign_device(counter, 0)  # no GPU: the CPU, LOCAL_RANK 0
     assert os.environ["LOCAL_RANK"] == "0"
+
+
+@pytest.mark.slow
+def test_ghost_bn_demo_runs_a_tiny_version_of_its_study(tmp_path, mnist1d_shards):
+    """`harness demo --study ghost-bn` end to end on yaml/demo_ghost_bn.yaml made tiny (its base config, ghost
+    groups, one block and window per optimizer; B = 32 and 128, 2 learning rates each, an 8-channel convnet,
+    2 epochs of 512 held-out examples): the sweep, the analysis and the figures of the real study."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "yaml" / "demo_ghost_bn.yaml").read_text())
+    spec["base"] = str(ROOT / "yaml" / spec["base"])
+    spec["overrides"].update({"model.channels": [8, 8, 8], "data.train_examples": 512, "budget.epochs": 2,
+                              "log.every_steps": 4})
+    for block in spec["grid"]:
+        block["batch.global_batch_size"] = [32, 128]
+        lo = block["optim.effective_lr"]["log2"][0]
+        block["optim.effective_lr"]["log2"] = [lo + 2, lo + 3]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep_dir = tmp_path / "demo"
+    out = run_harness("demo", "--study", "ghost-bn", "--spec", path, "--data", mnist1d_shards, "--sweep-dir", sweep_dir,
+                      env=env()).stdout
+    assert "ran 8 runs" in out and "8 completed" in out and "| Optimizer | Batch size | Runs |" in out
+    for optimizer in ("sgd", "momentum"):
+        assert all(f"| {optimizer} | {b} | 2 |" in out for b in (32, 128)), out
+    assert (sweep_dir / "analysis" / "batch_size.png").is_file() and (sweep_dir / "analysis" / "table.csv").is_file()
+    found = results(sweep_dir)
+    assert len(found) == 8
+    for result_path in found.values():
+        result = json.loads(result_path.read_text())
+        assert result["status"] == "completed" and result["layout"]["ghost_batch_size"] == 32
+        assert result["epochs"] == 2.0 and result["parameters"] == 40 + 2 * 192 + 3 * 16 + 80 * 10 + 10  # convs, BN, head

@@ -254,3 +254,21 @@ def test_sec6_budgets_spec_checks_b16384_at_smaller_step_budgets():
     table1 = {r.id for r in load_spec(ROOT / "yaml" / "table1.yaml", allow_unchecked_models=True).runs
               if r.config["batch"]["global_batch_size"] == 16384}
     assert table1 <= {r.id for r in sweep.runs}
+
+
+def test_ghost_bn_demo_dry_run_and_windows(tmp_path):
+    """`harness sweep yaml/demo_ghost_bn.yaml --dry-run`: the ghost-BN demo (harness demo --study ghost-bn) is
+    the convnet with ghost groups of 32 on MNIST-1D, 10 epochs at every B = 32 ... 512, one window per optimizer."""
+    out = run_harness("sweep", ROOT / "yaml" / "demo_ghost_bn.yaml", "--dry-run", "--sweep-dir", tmp_path / "d").stdout
+    assert "sweep demo_ghost_bn" in out and ": 50 runs" in out and "budget rule: constant_epochs" in out
+    assert "total: 50 runs, 24,210 optimizer steps" in out  # 10 runs x (1250 + 625 + 312 + 156 + 78)
+    assert not (tmp_path / "d").exists()
+    runs = load_spec(ROOT / "yaml" / "demo_ghost_bn.yaml").runs
+    assert all(r.model_checked for r in runs)
+    assert {(r.config["model"]["name"], r.config["model"]["ghost_batch_size"], r.config["data"]["name"],
+             r.config["budget"]["epochs"]) for r in runs} == {("convnet", 32, "mnist1d", 10)}
+    assert budget_rule_of(runs) == "constant_epochs"
+    sgd, mom = _exponents(runs, optim__name="sgd"), _exponents(runs, optim__name="momentum")
+    assert sorted(sgd) == sorted(mom) == pow2(5, 9)
+    assert sgd[32] == list(range(-4, 1)) and sgd[64] == sgd[512] == list(range(-3, 2))
+    assert mom[32] == list(range(-3, 2)) and mom[64] == list(range(-2, 3)) and mom[128] == mom[512] == list(range(-1, 4))
