@@ -95,12 +95,17 @@ FAMILIES = {  # (data fixture, model, B, largest micro-batch): every packable fa
     "wrn-skipinit": ("cifar_shards", {"name": "wrn", "depth": 10, "width": 1, "norm": "skipinit", "dropout": 0.3}, 32, 16),
     "resnet": ("cifar_shards", {"name": "resnet", "depth": 18, "width": 8}, 128, 64),
     "autoencoder": ("digits_shards", {"name": "autoencoder", "widths": [16, 4], "sparse_init": 4}, 64, 32),
+    "convnet": ("mnist1d_shards", {"name": "convnet", "channels": [4, 4, 4], "ghost_batch_size": 16}, 64, 32),
 }
+
+
+def data_name(shards) -> str:
+    return "cifar10" if "cifar" in str(shards) else "mnist1d" if "mnist1d" in str(shards) else "digits"
 
 
 def family_config(shards, model, b, micro, opt, lr, seed, wd=5e-4, **extra):
     return {"seed": seed, "precision": "fp64", "device": "cpu", "model": model,
-            "data": {"name": "cifar10" if "cifar" in str(shards) else "digits", "path": str(shards)},
+            "data": {"name": data_name(shards), "path": str(shards)},
             "batch": {"global_batch_size": b, "max_micro_batch_size": micro},
             "optim": {"name": opt, "effective_lr": lr, "weight_decay": wd}, "budget": {"steps": 6},
             "eval": {"every_steps": 3}, "log": {"every_steps": 2, "progress": False, "tensorboard": False}, **extra}

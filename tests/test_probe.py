@@ -61,6 +61,11 @@ def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
     proc = run_harness("probe", "--branch", f"{tmp_path / 'run'}:5", check=False)
     assert proc.returncode == 6 and "has no step-XXXXXXXX.pt" in proc.stderr and "Traceback" not in proc.stderr
+    missing = write_config(tmp_path / "missing.yaml", f"model: {{name: mlp}}\nbudget: {{steps: 10}}\n"
+                                                          f"data: {{name: digits, path: {tmp_path / 'nowhere'}}}\n")
+    proc = run_harness("probe", missing, "--out", tmp_path / "out", check=False)  # one line before any run
+    assert proc.returncode == 4 and "does not exist; create it with `harness data convert digits" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

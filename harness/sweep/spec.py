@@ -45,7 +45,7 @@ class CostSpec:
 @dataclass
 class ExecutorSpec:
     # Train runs that differ only in lr / seed / weight decay / optimizer as one batched model on one device
-    # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder). Results equal those run one by one.
+    # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder, the demo convnet). Results equal those run one by one.
     pack: bool = True
     # Runs per pack (unset: 128 for the MLP, 8 for the other families: a pack of 8 WRN-16-4 runs at B = 128
     # is one B = 1024 forward in memory). Lower it when a pack does not fit the device.

@@ -55,7 +55,7 @@ from harness.train.trainer import DTYPES
 # Keys in which the runs of one pack may differ; everything else must be equal.
 PACK_KEYS = ("seed", "optim.name", "optim.momentum", "optim.effective_lr", "optim.weight_decay",
              "schedule.final_lr", "schedule.decay_factor")
-PACKABLE_MODELS = ("mlp", "wrn", "resnet", "autoencoder")
+PACKABLE_MODELS = ("mlp", "wrn", "resnet", "autoencoder", "convnet")
 
 
 def pack_key(config: dict) -> Optional[str]:
