@@ -213,44 +213,44 @@ slurm: {{time: '00:20:00', nodes: 2, gpus_per_node: 1, runs_per_task: 2}}
 
 @pytest.mark.slow
 def test_a_sweep_beyond_max_array_size_is_split_into_several_arrays(tmp_path, digits_shards):
-    """A cluster with MaxArraySize=5 (indices 0..4) and a sweep of 12 unpacked runs: 3 arrays (5, 5, 2), each
+    """A cluster with MaxArraySize=2 (indices 0..1) and a sweep of 4 unpacked runs: 2 arrays (2, 2), each
     recorded; a resubmission while they are queued submits nothing; after removing results, --wait waits for
     every array it submits; in the end a resubmission runs nothing."""
     from tests.slurm_cluster import SlurmCluster
 
-    path = spec(tmp_path, digits_shards, "slurm: {time: '00:20:00'}", lrs="[0.1, 0.2, 0.4]", steps=20, name="split")
+    path = spec(tmp_path, digits_shards, "slurm: {time: '00:20:00'}", lrs="[0.1]", steps=20, name="split")
     sweep_dir = tmp_path / "sw"
     args = ("sweep", path, "--executor", "slurm", "--no-pack", "--max-parallel", "2", "--sweep-dir", sweep_dir)
-    with SlurmCluster(nodes=1, config={"MaxArraySize": 5}) as cluster:
+    with SlurmCluster(nodes=1, config={"MaxArraySize": 2}) as cluster:
         job_env = env(SLURM_CONF=cluster.conf)
         # sbatch itself refuses one array of 12 here: what the executor used to submit.
         one = cluster.run("sbatch", "--array=0-11", "--wrap", "true", check=False)
         assert one.returncode != 0 and "Invalid job array specification" in one.stderr
         dry = run_harness(*args, "--dry-run", env=job_env).stdout
-        assert "executor slurm: 12 array tasks, at most 2 at once (sbatch --array=0-4%2; sbatch --array=0-4%2; " \
-               "sbatch --array=0-1%2 slurm/sweep_array.sh ...)" in dry
-        assert "arrays: 3 arrays of 5, 5, 2 tasks (MaxArraySize = 5: at most 5 tasks per array" in dry
+        assert "executor slurm: 4 array tasks, at most 2 at once (sbatch --array=0-1%2; sbatch --array=0-1%2 " \
+               "slurm/sweep_array.sh ...)" in dry, dry
+        assert "arrays: 2 arrays of 2, 2 tasks (MaxArraySize = 2: at most 2 tasks per array" in dry, dry
         out = run_harness(*args, env=job_env).stdout
         jobs = re.findall(r"submitted job array (\d+)", out)
-        assert len(jobs) == 3 and f"--dependency=afterany:{jobs[0]}" in out and f"--dependency=afterany:{jobs[1]}" in out
+        assert len(jobs) == 2 and f"--dependency=afterany:{jobs[0]}" in out
         record = [json.loads(line) for line in (sweep_dir / ".sweep" / "slurm" / "submitted.jsonl").read_text().splitlines()]
-        assert [r["job"] for r in record] == jobs and len({r["task_file"] for r in record}) == 3
+        assert [r["job"] for r in record] == jobs and len({r["task_file"] for r in record}) == 2
         again = run_harness(*args, env=job_env).stdout  # every run is queued (or running) in one of the arrays
         assert "0 to run" in again and "submitted" not in again
         for job in jobs:
             cluster.wait(job, timeout=900)
         results = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
         logs = "\n".join(p.read_text() for p in (sweep_dir / ".sweep" / "slurm").glob("*.out"))
-        assert len(results) == 12 and all(r["status"] == "completed" for r in results), logs[-4000:]
+        assert len(results) == 4 and all(r["status"] == "completed" for r in results), logs[-4000:]
         envs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/env.json")]
         assert {e["slurm"]["array_job_id"] for e in envs} == set(jobs)
-        assert max(int(e["slurm"]["array_task_id"]) for e in envs) == 4  # MaxArraySize - 1
-        # Seven results removed: 2 arrays (5 + 2); --wait returns when both have ended.
-        for p in sorted(sweep_dir.glob("*/result.json"))[:7]:
+        assert max(int(e["slurm"]["array_task_id"]) for e in envs) == 1  # MaxArraySize - 1
+        # Three results removed: 2 arrays (2 + 1); --wait returns when both have ended.
+        for p in sorted(sweep_dir.glob("*/result.json"))[:3]:
             p.unlink()
         out = run_harness(*args, "--wait", env=job_env, timeout=900).stdout
-        assert "5 finished, 0 running, 0 queued in earlier arrays, 7 to run" in out
+        assert "1 finished, 0 running, 0 queued in earlier arrays, 3 to run" in out
         assert len(re.findall(r"submitted job array (\d+)", out)) == 2 and "waiting for 2 job array(s)" in out
-        assert len(list(sweep_dir.glob("*/result.json"))) == 12  # --wait returned after both arrays
+        assert len(list(sweep_dir.glob("*/result.json"))) == 4  # --wait returned after both arrays
         final = run_harness(*args, env=job_env).stdout
-        assert "12 finished, 0 running, 0 queued in earlier arrays, 0 to run" in final and "submitted" not in final
+        assert "4 finished, 0 running, 0 queued in earlier arrays, 0 to run" in final and "submitted" not in final
