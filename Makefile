@@ -25,7 +25,7 @@ demo-ghost-bn: venv
 test: venv
 	$(PY) -m pytest
 
-# Without the tests marked slow (launchers, SLURM, long runs): about 4 minutes instead of about 22.
+# Without the tests marked slow (launchers, SLURM, long runs): about 5 minutes instead of about 30.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
