@@ -11,7 +11,7 @@ Default (channels [32, 32, 32], kernels [5, 3, 3]) on MNIST-1D (1 x 40, 10 class
 9,706 parameters (convolutions 160 + 3,072 + 3,072, ghost BN 3 x 64, classifier 320 x 10 + 10).
 
 A plain nn.Module of standard layers and GhostBatchNorm, with no in-place operations, so that torch.func.vmap can
-batch many runs of it (packed runs) once the packer supports convolutions.
+batch many runs of it (packed runs: harness/train/packed.py; tests/test_packed.py checks packed = separate).
 """
 
 from __future__ import annotations
