@@ -112,11 +112,15 @@ def momentum_buffer_flattened(payload):
     payload["optimizer"]["state"][0]["momentum_buffer"] = buf.reshape(-1)
 
 
-HOSTILE = {
+UNREADABLE = {
     "one bit flipped in a tensor": lambda p: flip_byte(p, "/data/0"),
     "one bit flipped in the pickle": lambda p: flip_byte(p, "data.pkl"),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
     "empty file": lambda p: p.write_bytes(b""),
+    "a directory": lambda p: (p.unlink(), p.mkdir(), (p / "data.pkl").write_bytes(b"x")),
+    "a FIFO": lambda p: (p.unlink(), os.mkfifo(p)),
+}
+UNFIT = {  # checkpoints that load, with the wrong content
     "{}": lambda p: torch.save({}, p),
     "a list": lambda p: torch.save([1, 2], p),
     "wrong shape": lambda p: resave(p, edit(lambda d: d["model"].update({first_weight(d): d["model"][first_weight(d)].t()}))),
@@ -129,9 +133,8 @@ HOSTILE = {
     "bad state field": lambda p: resave(p, edit(lambda d: d["state"].update({"step": "10"}))),
     "state of another step": lambda p: resave(p, edit(lambda d: d["state"].update({"step": 9}))),
     "no rng": lambda p: resave(p, edit(lambda d: d.pop("rng"))),
-    "a directory": lambda p: (p.unlink(), p.mkdir(), (p / "data.pkl").write_bytes(b"x")),
-    "a FIFO": lambda p: (p.unlink(), os.mkfifo(p)),
 }
+HOSTILE = {**UNREADABLE, **UNFIT}
 
 
 def snapshot(directory: Path) -> dict[str, bytes | str]:
@@ -158,7 +161,8 @@ def test_unusable_latest_checkpoint_falls_back_to_the_previous_one(interrupted, 
     out, err = capsys.readouterr()
     warnings = [line for line in err.splitlines() if line.startswith("harness: warning: ")]
     assert len(warnings) == 1, err
-    assert f"checkpoint {latest} is unreadable (" in warnings[0] and warnings[0].endswith(
+    what = "does not fit this run" if kind in UNFIT else "is unreadable"
+    assert f"checkpoint {latest} {what} (" in warnings[0] and warnings[0].endswith(
         "falling back to the previous one")
     assert f"resumed from {run / 'checkpoints' / expect}" in out
     assert json.loads((run / "result.json").read_text())["status"] == "completed"
@@ -272,7 +276,7 @@ def test_packed_runs_fall_back_to_an_older_common_step(tmp_path, digits_shards, 
     HOSTILE[kind](bad)
     assert [r["status"] for r in train_pack(pack_configs(digits_shards), dirs)] == ["completed"] * 2
     out, err = capsys.readouterr()
-    assert f"checkpoint {bad} is unreadable (" in err and "falling back to the previous one" in err
+    assert f"checkpoint {bad} " in err and "falling back to the previous one" in err
     assert "pack of 2 runs resumed from step 8" in out
     for d, ref in zip(dirs, packed):
         assert bitwise_equal(final_state(d), final_state(ref))

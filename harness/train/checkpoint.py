@@ -46,6 +46,10 @@ class Unusable(Exception):
     """Why one checkpoint cannot be resumed from (the message goes into a one-line warning)."""
 
 
+class Unfit(Unusable):
+    """A checkpoint that loads but does not fit the live run (keys, shapes, dtypes, progress fields)."""
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, is_main: bool):
         self.directory = Path(directory)
@@ -114,10 +118,11 @@ def read(path: Path) -> dict:
     file, is truncated, fails a checksum or does not load."""
     # O_NONBLOCK: a FIFO named like a checkpoint opens at once (and is refused below) instead of hanging.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise Unusable(f"not a regular file but a {_kind(mode)}")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise Unusable(f"not a regular file but a {_kind(mode)}")
         if not verify(f):
             print(f"harness: warning: checkpoint {path} has no checksums (written with torch's compute_crc32 off); "
                   "loading it unverified", file=sys.stderr)
@@ -153,34 +158,34 @@ def check_payload(payload, model: torch.nn.Module, optimizer: torch.optim.Optimi
     model's state (every key, shape and dtype), the optimizer's (groups, parameters, buffer shapes) and the
     progress fields; returns its TrainState. Unusable says what does not fit."""
     if not isinstance(payload, dict):
-        raise Unusable(f"it holds a {type(payload).__name__}, not a checkpoint")
+        raise Unfit(f"it holds a {type(payload).__name__}, not a checkpoint")
     missing = [k for k in ("model", "optimizer", "rng", "state") if k not in payload]
     if missing:
-        raise Unusable(f"no {', '.join(missing)} in it")
+        raise Unfit(f"it has no {', '.join(missing)}")
     check_tensors(payload["model"], model.state_dict(), "model")
     check_optimizer(payload["optimizer"], optimizer)
     rng = payload["rng"]
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or (
             rng["cpu"].numel() != torch.get_rng_state().numel()):
-        raise Unusable("its RNG state is not a CPU generator state")
+        raise Unfit("its RNG state is not a CPU generator state")
     if not all(isinstance(payload.get(k, {}), dict) for k in ("objective", "noise_scale")):
-        raise Unusable("its objective or noise-scale state is not a mapping")
+        raise Unfit("its objective or noise-scale state is not a mapping")
     return train_state(payload["state"], step_of(path))
 
 
 def check_tensors(saved, live: dict[str, torch.Tensor], what: str) -> None:
     """`saved` has exactly `live`'s keys, each a tensor of the same shape and dtype."""
     if not isinstance(saved, dict):
-        raise Unusable(f"its {what} state is a {type(saved).__name__}, not a state dict")
+        raise Unfit(f"its {what} state is a {type(saved).__name__}, not a state dict")
     missing, extra = [k for k in live if k not in saved], [k for k in saved if k not in live]
     if missing or extra:
-        raise Unusable(f"its {what} state does not match this run's {what}: missing {_few(missing)}, "
-                       f"unexpected {_few(extra)}")
+        parts = [f"{label} {_few(keys)}" for label, keys in (("lacks", missing), ("has unexpected", extra)) if keys]
+        raise Unfit(f"its {what} state {' and '.join(parts)}")
     for k, t in live.items():
         s = saved[k]
         if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
             got = f"{tuple(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
-            raise Unusable(f"{what} {k} is {got} where this run has {tuple(t.shape)} {t.dtype}")
+            raise Unfit(f"{what} {k} is {got} where this run has {tuple(t.shape)} {t.dtype}")
 
 
 def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
@@ -189,35 +194,41 @@ def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
     and crash the first step)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
             saved.get("param_groups"), list):
-        raise Unusable("its optimizer state is not an optimizer state dict")
+        raise Unfit("its optimizer state is not an optimizer state dict")
     live = optimizer.param_groups
     sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
     if sizes != [len(g["params"]) for g in live]:
-        raise Unusable(f"its optimizer has parameter groups of {sizes} parameters where this run's has "
+        raise Unfit(f"its optimizer has parameter groups of {sizes} parameters where this run's has "
                        f"{[len(g['params']) for g in live]}")
     for group, live_group in zip(saved["param_groups"], live):
         for index, p in zip(group["params"], live_group["params"]):
             for key, value in (saved["state"].get(index) or {}).items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
-                    raise Unusable(f"optimizer {key} of parameter {index} is {tuple(value.shape)} where the "
+                    raise Unfit(f"optimizer {key} of parameter {index} is {tuple(value.shape)} where the "
                                    f"parameter is {tuple(p.shape)}")
 
 
 def train_state(saved, step: int) -> TrainState:
     """The TrainState of a checkpoint at `step`: exactly TrainState's fields, of their types, at that step."""
+    if not isinstance(saved, dict):
+        raise Unfit(f"its progress state is a {type(saved).__name__}, not a mapping")
     names = [f.name for f in dataclasses.fields(TrainState)]
-    if not isinstance(saved, dict) or set(saved) != set(names):
-        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise Unusable(f"its progress state has keys {keys} where a checkpoint has {names}")
+    missing, extra = [k for k in names if k not in saved], [k for k in saved if k not in names]
+    if missing or extra:
+        parts = [f"{label} {_few(keys)}" for label, keys in (("lacks", missing), ("has unexpected", extra)) if keys]
+        raise Unfit(f"its progress state {' and '.join(parts)} (fields: {', '.join(names)})")
     state = TrainState(**saved)
-    counts = (state.step, state.tail_steps)
-    reals = (state.train_seconds, state.wall_seconds, state.tail_loss_sum)
-    if (not all(type(c) is int and c >= 0 for c in counts) or state.step != step or state.tail_steps > step
-            or not all(type(r) in (int, float) and math.isfinite(r) for r in reals)
-            or not isinstance(state.segments, list)):
-        raise Unusable(f"its progress state is inconsistent (step {state.step!r} in a checkpoint of step {step}, "
-                       f"tail_steps {state.tail_steps!r}, seconds {state.train_seconds!r}/{state.wall_seconds!r}, "
-                       f"tail_loss_sum {state.tail_loss_sum!r}, segments a {type(state.segments).__name__})")
+    bad = [f"{k} {getattr(state, k)!r} is not a whole number >= 0" for k in ("step", "tail_steps")
+           if type(getattr(state, k)) is not int or getattr(state, k) < 0]
+    bad += [f"{k} {getattr(state, k)!r} is not a finite number" for k in ("train_seconds", "wall_seconds",
+            "tail_loss_sum") if type(getattr(state, k)) not in (int, float) or not math.isfinite(getattr(state, k))]
+    bad += [] if isinstance(state.segments, list) else [f"segments is a {type(state.segments).__name__}, not a list"]
+    if not bad and state.step != step:
+        bad.append(f"step {state.step} is not the step of its file name ({step})")
+    if not bad and state.tail_steps > step:
+        bad.append(f"tail_steps {state.tail_steps} exceeds its step {step}")
+    if bad:
+        raise Unfit(f"its progress state is wrong: {'; '.join(bad)}")
     return state
 
 
@@ -228,8 +239,9 @@ def step_of(path: Path) -> int:
 def warn_unusable(path: Path, error: BaseException, older: bool) -> None:
     """One line on stderr: which checkpoint, why, and what happens next."""
     why = str(error) if isinstance(error, Unusable) else f"{type(error).__name__}: {_first_line(error)}"
+    what = "does not fit this run" if isinstance(error, Unfit) else "is unreadable"
     then = "falling back to the previous one" if older else "no older checkpoint to fall back to"
-    print(f"harness: warning: checkpoint {path} is unreadable ({why}); {then}", file=sys.stderr)
+    print(f"harness: warning: checkpoint {path} {what} ({why}); {then}", file=sys.stderr)
 
 
 def none_usable(paths: list[Path]) -> CheckpointError:
