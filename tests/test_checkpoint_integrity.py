@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from harness.core.io import atomic_write_text, make_temp_dir
 from harness.train.checkpoint import Checkpointer
 from harness.train.config import from_dict
 from harness.train.packed import train_pack
-from tests.conftest import final_state, write_config
+from tests.conftest import ROOT, final_state, harness_env, write_config
 
 CONFIG = """
 seed: 3
@@ -216,13 +219,27 @@ def test_checkpoints_carry_crc32_of_every_record(trained):
             assert z.testzip() is None and all(i.CRC for i in z.infolist() if i.file_size)
 
 
+KILLED_SAVE = """
+import os, signal, sys
+from harness.core.io import atomic_write
+def write(f):
+    f.write(open(sys.argv[2], "rb").read())
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-save, before the rename
+atomic_write(sys.argv[1], write)
+"""
+
+
 def test_stray_temp_files_of_killed_saves_are_removed(interrupted, trained, capsys):
     cfg, run = interrupted
     ckpts = run / "checkpoints"
-    stray = [ckpts / ".step-00000012.pt.a1b2c3d4.tmp", ckpts / ".step-00000010.pt.x_9yz07q.tmp",  # mkstemp's names
-             ckpts / ".final.pt.0f0f0f0f.tmp"]
-    for p in stray:
-        shutil.copy(ckpts / LATEST, p)  # as a SIGKILL mid-save leaves them: full size
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, ckpts / "step-00000012.pt", ckpts / LATEST],
+                            env=harness_env(), cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = [p for p in ckpts.iterdir() if p.name.startswith(".step-00000012.pt.")]  # what a killed save leaves
+    stray = [left, ckpts / ".step-00000010.pt.x_9yz07q.tmp", ckpts / ".final.pt.0f0f0f0f.tmp"]  # mkstemp's names
+    for p in stray[1:]:
+        shutil.copy(ckpts / LATEST, p)
     kept = [ckpts / ".notes.tmp", ckpts / "step-00000010.pt.bak", run / ".step-00000010.pt.a1b2c3d4.tmp"]
     for p in kept:
         p.write_text("mine")
