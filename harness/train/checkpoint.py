@@ -67,7 +67,7 @@ class Checkpointer:
         if not self.is_main:
             return None
         path = self.directory / f"step-{step:08d}.pt"
-        if path.is_dir():  # os.replace cannot put a file over a directory
+        if path.is_dir() and not path.is_symlink():  # os.replace cannot put a file over a directory (a link it can)
             raise CheckpointError(f"cannot write checkpoint {path}: a directory has that name; move it away "
                                   f"(mv {path} {path}.moved) and run the same command again to resume")
         with serialization_config.patch({"save.compute_crc32": True}):
@@ -134,8 +134,8 @@ def read(path: Path) -> dict:
 
 
 def verify(f) -> bool:
-    """Check the CRC-32 of every record of the zip archive `f` (zipfile checks each record's as it reads its
-    end); False for an archive written without checksums (every CRC field 0), which cannot be verified."""
+    """Check the CRC-32 of every record of the zip archive `f` by reading each record to its end (zipfile compares
+    the CRC-32 there); False for an archive written without checksums (every CRC field 0): it cannot be verified."""
     try:
         with zipfile.ZipFile(f) as archive:
             records = archive.infolist()
