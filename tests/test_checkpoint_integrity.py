@@ -110,6 +110,11 @@ def first_weight(payload) -> str:
     return next(iter(payload["model"]))
 
 
+def map_first_weight(fn):
+    """A change that replaces the model's first weight w by fn(w)."""
+    return edit(lambda d: d["model"].update({first_weight(d): fn(d["model"][first_weight(d)])}))
+
+
 def momentum_buffer_flattened(payload):
     buf = payload["optimizer"]["state"][0]["momentum_buffer"]
     payload["optimizer"]["state"][0]["momentum_buffer"] = buf.reshape(-1)
@@ -126,8 +131,8 @@ UNREADABLE = {
 UNFIT = {  # checkpoints that load, with the wrong content
     "{}": lambda p: torch.save({}, p),
     "a list": lambda p: torch.save([1, 2], p),
-    "wrong shape": lambda p: resave(p, edit(lambda d: d["model"].update({first_weight(d): d["model"][first_weight(d)].t()}))),
-    "wrong dtype": lambda p: resave(p, edit(lambda d: d["model"].update({first_weight(d): d["model"][first_weight(d)].float()}))),
+    "wrong shape": lambda p: resave(p, map_first_weight(lambda w: w.t())),
+    "wrong dtype": lambda p: resave(p, map_first_weight(lambda w: w.float())),
     "missing model key": lambda p: resave(p, edit(lambda d: d["model"].pop(first_weight(d)))),
     "extra model key": lambda p: resave(p, edit(lambda d: d["model"].update({"extra.weight": torch.zeros(2)}))),
     "momentum buffer of the wrong shape": lambda p: resave(p, edit(momentum_buffer_flattened)),
@@ -144,7 +149,8 @@ def snapshot(directory: Path) -> dict[str, bytes | str]:
     """Every entry of a checkpoint directory: a file's bytes, else its kind (nothing deleted, nothing changed)."""
     out = {}
     for p in sorted(directory.iterdir()):
-        out[p.name] = p.read_bytes() if p.is_file() and not stat.S_ISFIFO(p.stat().st_mode) else stat.S_IFMT(p.stat().st_mode)
+        mode = p.stat().st_mode
+        out[p.name] = p.read_bytes() if stat.S_ISREG(mode) else stat.S_IFMT(mode)
     return out
 
 
@@ -199,7 +205,8 @@ def test_no_usable_checkpoint_exits_6_and_deletes_nothing(interrupted, capsys, k
 
 
 def test_checkpoint_without_checksums_loads_unverified(interrupted, trained, capsys):
-    """A checkpoint saved with torch's compute_crc32 off (CRC fields 0) cannot be verified: it is loaded, with a warning."""
+    """A checkpoint saved with torch's compute_crc32 off (every CRC field 0) cannot be verified: it loads, with a
+    warning."""
     from torch.utils.serialization import config as serialization_config
 
     cfg, run = interrupted
