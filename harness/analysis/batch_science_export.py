@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,7 @@ from harness.analysis.checks import is_number
 from harness.analysis.history import PLAIN_COLUMNS, read_history, write_csv_rows
 from harness.analysis.records import UNFINISHED, RunRecord, Warn, discover
 from harness.core.errors import SweepError
-from harness.core.io import atomic_write_text
+from harness.core.io import atomic_write_text, make_temp_dir
 from harness.recipe.optim import momentum_of, torch_lr
 
 
@@ -138,7 +137,7 @@ def export(a, sweep_dir: Path, dest: Path, echo=None) -> dict[str, int]:
         raise SweepError(f"--export: {dest} exists and is not a batch-science export; choose a new directory")
     files = study_files(a, Path(sweep_dir), warn)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-")  # not mkdtemp: its 0700 would make the export private
     try:
         for rel, text in files.items():
             atomic_write_text(tmp / rel, text)

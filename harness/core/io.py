@@ -1,11 +1,18 @@
 """Atomic file I/O for run directories, sweep state and datasets: every file is written atomically (temp file,
-fsync, rename), so a crash or a kill leaves either the old file or the new one, never half of one."""
+fsync, rename), so a crash or a kill leaves either the old file or the new one, never half of one.
+
+Files and directories are created with the permissions any other tool gives them: 0666 / 0777 less the process
+umask (and the directory's default ACL), so teammates sharing a project directory can read them. tempfile.mkstemp
+and mkdtemp would create them 0600 / 0700 (private by design, for /tmp); the temp name is made here instead and
+the kernel applies the umask at creation, as open(2) and mkdir(2) do for every other tool: no umask is read,
+so there is no os.umask() round trip that another thread could race.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +21,7 @@ def atomic_write(path: str | Path, write) -> None:
     """Call `write(binary_file)` on a temp file beside `path`, fsync it, rename it over `path`, fsync the dir."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create(path.parent, f".{path.name}.", ".tmp", lambda p: os.open(p, _NEW_FILE, 0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -25,6 +32,27 @@ def atomic_write(path: str | Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new directory `parent/PREFIX<random>`, 0777 less the umask (tempfile.mkdtemp makes it 0700)."""
+    _, path = _create(Path(parent), prefix, "", lambda p: os.mkdir(p, 0o777))
+    return Path(path)
+
+
+# O_EXCL: never open a file someone else made; O_NOFOLLOW: nor a symlink planted under the name.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create(parent: Path, prefix: str, suffix: str, make) -> tuple[object, str]:
+    """`make(name)` on a fresh random name in `parent` (what mkstemp does, less its 0600): (its result, the name)."""
+    for _ in range(100):
+        name = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            return make(name), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name {prefix}*{suffix} in {parent}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

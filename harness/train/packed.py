@@ -42,10 +42,10 @@ from harness.core.errors import ConfigError
 from harness.core.io import atomic_write_json, atomic_write_text
 from harness.core.keys import flatten
 from harness.core.status import COMPLETED, DIVERGED
-from harness.recipe.optim import momentum_of, torch_lr
+from harness.recipe.optim import build_optimizer, momentum_of, param_groups, torch_lr
 from harness.recipe.schedule import Schedule
 from harness.train import distributed, numerics, objectives, provenance, record
-from harness.train.checkpoint import Checkpointer, rng_state
+from harness.train.checkpoint import Checkpointer, check_payload, none_usable, read, rng_state, step_of, warn_unusable
 from harness.train.config import Config, durations_of, plan_of, to_yaml
 from harness.train.metrics_log import MetricsLog
 from harness.train.packed_model import PackedModel
@@ -191,23 +191,42 @@ class Pack:
             raise NotPackable(f"model {self.cfgs[0].model.name} cannot be stacked ({e})") from None
 
     def _resume(self) -> int:
-        """Resume every run from its checkpoint at the latest step all of them have (0: none in common)."""
-        steps = [{int(p.name[5:13]): p for p in ck.paths()} for ck in self.checkpoints]
+        """Resume every run from its checkpoint at the latest step all of them have (0: none in common). As in the
+        trainer (checkpoint.py), a step where any run's checkpoint is unusable is skipped with a warning, and exit 6
+        when every common step is. The pack holds its runs (the sweep task's run locks): stray temps go first."""
+        for ck in self.checkpoints:
+            ck.remove_stray_temps()
+        steps = [{step_of(p): p for p in ck.paths()} for ck in self.checkpoints]
         common = sorted(set.intersection(*(set(s) for s in steps)), reverse=True)
-        for step in common:
+        failed = []
+        for i, step in enumerate(common):
+            path = None
             try:
-                payloads = [torch.load(s[step], map_location="cpu", weights_only=True) for s in steps]
-            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: try an older common step
-                print(f"harness: warning: a checkpoint at step {step} of a pack is unreadable ({e}); trying an older one")
+                for r, s in enumerate(steps):
+                    path = s[step]
+                    self._restore(r, read(path), path)
+            except Exception as e:  # noqa: BLE001 - unreadable or unfitting: try an older common step
+                warn_unusable(path, e, older=i + 1 < len(common))
+                failed.append(path)
                 continue
-            for r, (cfg, payload) in enumerate(zip(self.cfgs, payloads)):
-                self.net.load_state_dict(r, payload["model"])
-                self.net.load_optimizer_state(r, payload["optimizer"], self.bufs, cfg.optim.name, self.moms[r],
-                                              cfg.optim.weight_decay, self.exclude_norm)
-                self.states[r] = TrainState(**payload["state"])
             print(f"harness: pack of {len(self.cfgs)} runs resumed from step {step}")
             return step
+        if failed:
+            raise none_usable(failed)
         return 0
+
+    def _restore(self, r: int, payload: dict, path: Path) -> None:
+        """Run r from its checkpoint, checked first against the run's model and torch optimizer (built on the
+        template, as the trainer would build them). A failed step leaves nothing behind: every run is loaded
+        whole again from the older step."""
+        cfg = self.cfgs[r]
+        optimizer = build_optimizer(param_groups(self.net.template, self.exclude_norm), cfg.optim.name, self.moms[r],
+                                    cfg.optim.weight_decay)
+        state = check_payload(payload, self.net.template, optimizer, path)
+        self.net.load_state_dict(r, payload["model"])
+        self.net.load_optimizer_state(r, payload["optimizer"], self.bufs, cfg.optim.name, self.moms[r],
+                                      cfg.optim.weight_decay, self.exclude_norm)
+        self.states[r] = state
 
     def _start_run_dirs(self) -> list[MetricsLog]:
         logs = []

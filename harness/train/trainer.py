@@ -34,7 +34,7 @@ from harness.recipe.budget import Durations
 from harness.recipe.optim import build_optimizer, momentum_of, param_groups, torch_lr
 from harness.recipe.schedule import Schedule
 from harness.train import distributed, numerics, objectives, provenance, record
-from harness.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from harness.train.checkpoint import Checkpointer, check_payload, rng_state, set_rng_state
 from harness.train.config import Config, durations_of, plan_of, to_yaml
 from harness.train.engine import DDPEngine, EngineBase
 from harness.train.metrics_log import MetricsLog
@@ -166,16 +166,21 @@ def build_engine(cfg: Config, model, optimizer, env, plan: BatchPlan) -> EngineB
 
 
 def resume(run: Run) -> None:
-    """Continue from the newest readable checkpoint, if there is one."""
-    loaded = run.checkpoints.load_latest()
-    if loaded is None:
-        return
-    payload, path = loaded
-    run.engine.load_state_dict(payload)
-    run.objective.load_state_dict(payload.get("objective", {}))
-    set_rng_state(payload["rng"])
-    run.state = TrainState(**payload["state"])
-    say(run.env, f"resumed from {path} (step {run.state.step} of {run.durations.total_steps})")
+    """Continue from the newest usable checkpoint, if there is one (checkpoint.py: an unreadable or unfitting one
+    is skipped; none usable is exit 6). Rank 0 first removes the temp files of saves killed half-way: this process
+    holds the run (`harness train` locks the run directory; a sweep task holds the run's lock)."""
+    run.checkpoints.remove_stray_temps()
+
+    def restore(payload: dict, path: Path) -> None:
+        state = check_payload(payload, run.engine.module, run.engine.optimizer, path)  # before anything is applied
+        run.engine.load_state_dict(payload)
+        run.objective.load_state_dict(payload.get("objective", {}))
+        set_rng_state(payload["rng"])
+        run.state = state
+
+    loaded = run.checkpoints.load_latest(restore)
+    if loaded is not None:
+        say(run.env, f"resumed from {loaded[1]} (step {run.state.step} of {run.durations.total_steps})")
 
 
 def announce(run: Run) -> None:
