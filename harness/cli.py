@@ -4,7 +4,9 @@ probe: probe/cli.py),
 and each command imports what it needs when it runs, so `harness analyze` never loads torch.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
-the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep); `--debug` shows the traceback.
+the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep, 8 file system); an OSError
+(disk full, read-only, permissions) is one line naming the path and the errno, exit 8. `--debug` also prints
+the traceback and keeps the exit code.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import FileSystemError, HarnessError, os_error_message
 from harness.core.status import COMPLETED
 
 
@@ -112,11 +115,24 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except HarnessError as e:
-        if args.debug:
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"harness: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        # Under torchrun every rank fails alike on a config, plan or data error: say it once.
+        _fail(str(e), e.exit_code, args.debug, every_rank=False)
+    except OSError as e:
+        # A rank's OSError is about its own files (DeepSpeed writes a checkpoint shard per rank): every rank says it.
+        _fail(os_error_message(e), FileSystemError.exit_code, args.debug, every_rank=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code)
+
+
+def _fail(message: str, code: int, debug: bool, every_rank: bool) -> None:
+    """Print `harness: error: MESSAGE` (rank 0, or every rank tagged with its number) and exit with `code`;
+    --debug prints the traceback first (the exit code stays the error's, so scripts see the same code)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if debug:
+        traceback.print_exc()
+    if rank == 0:
+        print(f"harness: error: {message}", file=sys.stderr)
+    elif every_rank:
+        print(f"harness: error: rank {rank}: {message}", file=sys.stderr)
     sys.exit(code)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from harness.core.configlib import load_yaml_text
 from harness.core.keys import flatten, is_layout_key
 from harness.core.status import DIVERGED, FINISHED, INTERRUPTED
 
@@ -72,7 +73,7 @@ def read_config(path: Path) -> dict:
         raise BadRun(f"config.yaml cannot be read ({_one_line(e.strerror if isinstance(e, OSError) else e)}): "
                      f"restore it, or {MOVE_OUT}") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = load_yaml_text(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -3,6 +3,7 @@ fsync, rename), so a crash or a kill leaves either the old file or the new one, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -13,18 +14,32 @@ from typing import Any
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(binary_file)` on a temp file beside `path`, fsync it, rename it over `path`, fsync the dir."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with names_path(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def names_path(path: str | Path):
+    """Give an OSError raised inside the path it was about: a write to an open file (ENOSPC from write() or
+    fsync()) carries no file name, and a failed temp file or rename names the temp file, not the user's file.
+    The CLI prints it as one line naming the path (harness.core.errors.os_error_message)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or Path(str(e.filename)).name.startswith(f".{Path(path).name}."):
+            e.filename, e.filename2 = str(path), None
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
