@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, cfg)
+    require_directory(run_dir, "--run-dir")
     result = train(cfg, run_dir)
     if result["status"] == COMPLETED and int(os.environ.get("RANK", "0")) == 0:
         tb = run_dir / "tb"
@@ -61,6 +63,13 @@ def cmd_plan(args) -> int:
         print(f"budget:     {info['steps']} steps = {info['epochs']:.4g} epochs of {info['examples_per_epoch']} examples "
               f"({info['data_source']})")
     return 0
+
+
+def require_directory(path: Path, flag: str) -> None:
+    """A directory the harness will create or reuse must not be an existing file (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise FileSystemError(f"{flag} {path} is an existing file, not a directory; give a directory path "
+                              "(a new one is created, an existing run directory is resumed)")
 
 
 def add_local_rank_arg(p: argparse.ArgumentParser, nested: bool = False) -> None:
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     set_local_rank(args.local_rank)
+    previous_hook, threading.excepthook = threading.excepthook, _thread_os_error_hook(args.debug)
     try:
         code = args.func(args)
     except HarnessError as e:
@@ -122,7 +132,22 @@ def main(argv: list[str] | None = None) -> None:
         _fail(os_error_message(e), FileSystemError.exit_code, args.debug, every_rank=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        threading.excepthook = previous_hook
     sys.exit(code)
+
+
+def _thread_os_error_hook(debug: bool):
+    """TensorBoard writes its event file from a thread; on a full disk that thread dies with a traceback, and the
+    writer re-raises the error in the main thread at the next write (MetricsLog names the path, main says it).
+    The thread's own report becomes a warning line; other exceptions keep Python's default report."""
+    def hook(info: threading.ExceptHookArgs) -> None:
+        if isinstance(info.exc_value, OSError) and not debug:
+            print(f"harness: warning: thread {info.thread.name if info.thread else '?'}: "
+                  f"{os_error_message(info.exc_value)}", file=sys.stderr)
+        else:
+            threading.__excepthook__(info)
+    return hook
 
 
 def _fail(message: str, code: int, debug: bool, every_rank: bool) -> None:

@@ -8,7 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from harness.core.errors import ConfigError, SweepError
+from harness.core.errors import ConfigError, FileSystemError, SweepError
 
 
 def add_parsers(sub) -> None:
@@ -33,10 +33,13 @@ def add_parsers(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.sweep.spec import load_spec
+    from harness.sweep.spec import check_data_paths, load_spec
 
     sweep = load_spec(args.spec, allow_unchecked_models=args.dry_run)
     sweep_dir = Path(args.sweep_dir or Path("runs") / sweep.name)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise FileSystemError(f"--sweep-dir {sweep_dir} is an existing file, not a directory; give a directory path "
+                              "(a new one is created, an existing sweep directory is resumed)")
     pack = sweep.spec.executor.pack and not args.no_pack
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError("--max-parallel must be at least 1")
@@ -46,6 +49,7 @@ def cmd_sweep(args) -> int:
         print(dry_run_report(sweep, sweep_dir, args.executor, args.max_parallel, pack,
                              args.throughput or sweep.spec.cost.examples_per_second_per_gpu))
         return 0
+    check_data_paths(run.config for run in sweep.runs)  # before any run directory or array job exists
     if args.executor == "slurm":
         from harness.sweep.slurm import submit_sweep
 
