@@ -12,6 +12,7 @@ the traceback and keeps the exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from harness.core.errors import FileSystemError, HarnessError, os_error_message
+from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
 
@@ -63,13 +65,6 @@ def cmd_plan(args) -> int:
         print(f"budget:     {info['steps']} steps = {info['epochs']:.4g} epochs of {info['examples_per_epoch']} examples "
               f"({info['data_source']})")
     return 0
-
-
-def require_directory(path: Path, flag: str) -> None:
-    """A directory the harness will create or reuse must not be an existing file (checked before any work)."""
-    if path.exists() and not path.is_dir():
-        raise FileSystemError(f"{flag} {path} is an existing file, not a directory; give a directory path "
-                              "(a new one is created, an existing run directory is resumed)")
 
 
 def add_local_rank_arg(p: argparse.ArgumentParser, nested: bool = False) -> None:
@@ -142,9 +137,11 @@ def _thread_os_error_hook(debug: bool):
     writer re-raises the error in the main thread at the next write (MetricsLog names the path, main says it).
     The thread's own report becomes a warning line; other exceptions keep Python's default report."""
     def hook(info: threading.ExceptHookArgs) -> None:
-        if isinstance(info.exc_value, OSError) and not debug:
-            print(f"harness: warning: thread {info.thread.name if info.thread else '?'}: "
-                  f"{os_error_message(info.exc_value)}", file=sys.stderr)
+        e = info.exc_value
+        if isinstance(e, OSError) and not debug:
+            what = os_error_message(e) if e.filename is not None else f"{e.strerror or e} ({errno.errorcode.get(e.errno, '?')})"
+            print(f"harness: warning: background thread {info.thread.name if info.thread else '?'} stopped: {what}",
+                  file=sys.stderr)
         else:
             threading.__excepthook__(info)
     return hook

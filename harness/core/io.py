@@ -58,7 +58,17 @@ def atomic_save_torch(path: str | Path, obj: Any) -> None:
     """torch.save, atomically (a checkpoint is never half-written)."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def save(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # A failed write (ENOSPC) inside torch.save surfaces as a RuntimeError from its zip writer's cleanup
+            # ("unexpected pos"), raised while handling the OSError: the OSError is what happened.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+    atomic_write(path, save)
 
 
 def _fsync_dir(path: Path) -> None:

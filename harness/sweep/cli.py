@@ -8,7 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from harness.core.errors import ConfigError, FileSystemError, SweepError
+from harness.core.errors import ConfigError, SweepError
 
 
 def add_parsers(sub) -> None:
@@ -33,13 +33,12 @@ def add_parsers(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from harness.core.paths import require_directory
     from harness.sweep.spec import check_data_paths, load_spec
 
     sweep = load_spec(args.spec, allow_unchecked_models=args.dry_run)
     sweep_dir = Path(args.sweep_dir or Path("runs") / sweep.name)
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise FileSystemError(f"--sweep-dir {sweep_dir} is an existing file, not a directory; give a directory path "
-                              "(a new one is created, an existing sweep directory is resumed)")
+    require_directory(sweep_dir, "--sweep-dir")
     pack = sweep.spec.executor.pack and not args.no_pack
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError("--max-parallel must be at least 1")
