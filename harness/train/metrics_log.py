@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from harness.core.io import atomic_write_text, names_path
@@ -33,8 +34,9 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_step]
+            self._keep_unreadable([line for line in lines if _step_of(line) is None])
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.unlink(missing_ok=True)
@@ -45,6 +47,17 @@ class MetricsLog:
 
             with names_path(self.tb_dir):
                 self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def _keep_unreadable(self, lines: list[str]) -> None:
+        """Lines that are not records (cut by a kill mid-write, a hand edit, a step of Infinity or NaN) leave
+        metrics.jsonl on resume but are not lost: they are appended to metrics.jsonl.unreadable."""
+        if not lines:
+            return
+        aside = self.path.with_name(self.path.name + ".unreadable")
+        with names_path(aside), open(aside, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        print(f"harness: warning: {len(lines)} line(s) of {self.path} are not records with a finite step; "
+              f"moved to {aside}", file=sys.stderr)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
