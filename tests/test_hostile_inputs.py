@@ -483,3 +483,16 @@ def test_analyze_refuses_an_oversized_run_file_unread(name, tmp_path, capsys):
     assert e.value.code == 0 and "Traceback" not in err
     assert f"{name} is 1,073,741,824 bytes, more than the 16,777,216" in err
     assert victim.stat().st_size == 2**30
+
+
+@pytest.mark.parametrize("error,expected", [
+    (ConnectionRefusedError(111, "Connection refused"), "cannot connect: Connection refused (ECONNREFUSED); check"),
+    (BrokenPipeError(32, "Broken pipe"), "cannot write the output: Broken pipe (EPIPE)"),
+    (PermissionError(13, "Permission denied", "/p/x"), "cannot use /p/x: Permission denied (EACCES); check its"),
+    (OSError(122, "Disk quota exceeded", "/p/x"), "cannot write /p/x: Disk quota exceeded (EDQUOT); free space"),
+], ids=["network", "pipe", "permissions", "quota"])
+def test_os_errors_without_a_mount_to_stage_them(error, expected):
+    """The errno families a test cannot stage as root (permissions, quotas) or without a network: their line."""
+    from harness.core.errors import os_error_message
+
+    assert os_error_message(error).startswith(expected)

@@ -1,6 +1,7 @@
 """Errors a user can fix. Each carries its own exit code and prints as one line (no traceback).
 
-The CLI catches `HarnessError` and prints `harness: error: <message>`; `--debug` re-raises instead.
+The CLI catches `HarnessError` and prints `harness: error: <message>`, and an OSError as one line naming the path
+and the errno (exit 8, os_error_message); `--debug` prints the traceback too and keeps the exit code.
 Distinct exit codes let a sweep or a SLURM script tell a typo from a crash (exit 1 is an unexpected bug).
 """
 
@@ -76,6 +77,8 @@ _OS_FIXES = {
     "ESTALE": "the network file system lost the file; rerun (the run resumes from its last checkpoint)",
 }
 _WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EFBIG", "EROFS"}
+_NETWORK_ERRNOS = {"ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH",
+                   "EADDRINUSE", "EADDRNOTAVAIL"}
 
 
 def os_error_message(e: OSError) -> str:
@@ -88,10 +91,15 @@ def os_error_message(e: OSError) -> str:
 
     name = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
     meaning = os.strerror(e.errno) if e.errno is not None else (str(e) or type(e).__name__)
+    code = f" ({name})" if name else ""
+    if name == "EPIPE":
+        return f"cannot write the output: {meaning}{code}; the program reading it (| head?) stopped early"
+    if isinstance(e, ConnectionError) or name in _NETWORK_ERRNOS:
+        return (f"cannot connect: {meaning}{code}; check that the address is reachable (under torchrun: "
+                "--rdzv-endpoint / MASTER_ADDR:MASTER_PORT)")
     path = e.filename if e.filename is not None else "a file"
     if e.filename2 is not None:
         path = f"{path} -> {e.filename2}"
     verb = "cannot write" if name in _WRITE_ERRNOS else "cannot use"
-    code = f" ({name})" if name else ""
     fix = _OS_FIXES.get(name, "check the path and the file system")
     return f"{verb} {path}: {meaning}{code}; {fix}"
