@@ -22,6 +22,7 @@ import pytest
 
 import yaml
 from harness.cli import main
+from tests.conftest import run_harness
 from tests.test_analysis_curves import autoencoder_sweep
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -375,6 +376,18 @@ def test_disk_full_under_tensorboard(mounts, cifar_shards, tmp_path, capsys):
     path = write(tmp_path / "c.yaml", config(cifar_shards, log={"tensorboard": True}))
     line = fails(["train", path, "--run-dir", fs / "run"], 8, capsys)
     assert "No space left on device (ENOSPC)" in line and str(fs / "run") in line
+
+
+@pytest.mark.slow
+def test_disk_full_under_tensorboard_as_a_real_process(mounts, cifar_shards, tmp_path):
+    """The process boundary matters here: TensorBoard's writer thread dies first, and Python's default thread
+    hook would print its traceback to the real stderr."""
+    fs = mounts(tmp_path / "fs", size="16k")
+    path = write(tmp_path / "c.yaml", config(cifar_shards, log={"tensorboard": True}))
+    proc = run_harness("train", path, "--run-dir", fs / "run", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("harness: error: ")]
+    assert proc.returncode == 8 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "No space left on device (ENOSPC)" in errors[0]
 
 
 def test_read_only_file_system(mounts, cifar_shards, tmp_path, capsys):
