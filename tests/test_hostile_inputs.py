@@ -260,6 +260,20 @@ def test_a_sweep_checks_every_data_path_before_running_anything(missing, cifar_s
     assert not (tmp_path / "sweep").exists()  # no run directories, no error.txt per run
 
 
+def test_a_finished_sweep_needs_no_data(tmp_path, capsys):
+    """The up-front check covers the runs still to run: a complete sweep whose data was moved away is complete."""
+    from harness.sweep.spec import load_spec
+
+    path = write(tmp_path / "spec.yaml", spec(tmp_path / "moved-away", {"seed": [0, 1]}))
+    for run in load_spec(path).runs:
+        write(run.dir(tmp_path / "sweep") / "result.json", json.dumps({"status": "completed"}))
+    before = snapshot(tmp_path / "sweep")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(path), "--sweep-dir", str(tmp_path / "sweep")])
+    assert e.value.code == 0 and "0 to run" in capsys.readouterr().out
+    assert {k: v for k, v in snapshot(tmp_path / "sweep").items() if k in before} == before
+
+
 # ---------------------------------------------------------------------------------------------- manifests
 
 MANIFEST_CASES = {
