@@ -3,7 +3,6 @@ fsync, rename), so a crash or a kill leaves either the old file or the new one, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -11,13 +10,36 @@ from pathlib import Path
 from typing import Any
 
 
+class names_path:
+    """`with names_path(path):` gives an OSError raised inside the path it was about: a write to an open file
+    (ENOSPC from write() or fsync()) carries no file name, and a failed temp file or rename names the temp file,
+    not the user's file. The CLI prints it as one line naming the path (harness.core.errors.os_error_message)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, OSError) and (
+                error.filename is None or Path(str(error.filename)).name.startswith(f".{self.path.name}.")):
+            error.filename, error.filename2 = str(self.path), None
+        return False
+
+
+def _naming_its_path(write_file):
+    """Decorate `write_file(path, ...)` so that its OSErrors name `path` (names_path)."""
+    def wrapper(path: str | Path, *args, **kwargs):
+        with names_path(path):
+            return write_file(path, *args, **kwargs)
+    wrapper.__doc__, wrapper.__name__ = write_file.__doc__, write_file.__name__
+    return wrapper
+
+
+@_naming_its_path
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(binary_file)` on a temp file beside `path`, fsync it, rename it over `path`, fsync the dir."""
-    with names_path(path):
-        _atomic_write(path, write)
-
-
-def _atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,19 +53,6 @@ def _atomic_write(path: str | Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def names_path(path: str | Path):
-    """Give an OSError raised inside the path it was about: a write to an open file (ENOSPC from write() or
-    fsync()) carries no file name, and a failed temp file or rename names the temp file, not the user's file.
-    The CLI prints it as one line naming the path (harness.core.errors.os_error_message)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None or Path(str(e.filename)).name.startswith(f".{Path(path).name}."):
-            e.filename, e.filename2 = str(path), None
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
