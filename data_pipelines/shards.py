@@ -32,6 +32,9 @@ from harness.core.io import atomic_write_json
 FORMAT = "harness-shards/1"
 MANIFEST = "manifest.json"
 PARTIAL = ".manifest.partial.json"
+# A manifest holds under 200 bytes per shard (name, count, bytes, sha256, start, stop): 64 MiB is over 300,000
+# shards. A larger file is not one the converters wrote, and is refused unread.
+MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def sha256_file(path: Path) -> str:
@@ -126,10 +129,15 @@ def read_manifest(path: str | Path, kind: str | None = None) -> dict:
     file = root / MANIFEST
     if not file.is_file():
         raise DataError(f"data path {root} has no {MANIFEST}, so it is not a shard directory; {hint}")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{file} is {file.stat().st_size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a manifest has; "
+                        "re-run the conversion")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-run the conversion") from None
+    except RecursionError:  # json nests one Python frame per level
+        raise DataError(f"{file} is nested too deeply to be a manifest; re-run the conversion") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{file} is not a {FORMAT} manifest; re-run the conversion with this version of the harness")
     problem = manifest_problem(manifest)

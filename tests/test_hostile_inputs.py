@@ -291,6 +291,20 @@ MANIFEST_CASES = {
 }
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to be a manifest"),
+    (None, "more than the 67,108,864 a manifest has"),
+], ids=["nested-100000", "oversized"])
+def test_manifests_that_would_exhaust_the_stack_or_memory(text, expected, data_copy, tmp_path, capsys):
+    if text is None:
+        with open(data_copy / "manifest.json", "r+b") as f:
+            f.truncate(2**30)  # sparse: no disk used, and never read
+    else:
+        (data_copy / "manifest.json").write_text(text)
+    path = write(tmp_path / "c.yaml", config(data_copy))
+    assert expected in fails(["train", path, "--run-dir", tmp_path / "run"], 4, capsys)
+
+
 @pytest.mark.parametrize("case", MANIFEST_CASES)
 def test_malformed_manifests(case, data_copy, tmp_path, capsys):
     edit, expected = MANIFEST_CASES[case]
@@ -490,12 +504,25 @@ def test_non_finite_steps_on_resume_are_set_aside_not_lost(tmp_path, capsys):
     from harness.train.metrics_log import MetricsLog
 
     good = ['{"step": 10, "train_loss": 2.0}', '{"step": 20, "train_loss": NaN}', '{"step": 30, "train_loss": 1.0}']
-    (tmp_path / "metrics.jsonl").write_text("\n".join([good[0], *NON_FINITE[:3], *good[1:]]) + "\n")
+    unreadable = [*NON_FINITE[:3], "[" * 100_000 + "]" * 100_000]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([good[0], *unreadable, *good[1:]]) + "\n")
     log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20)
     log.close()
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == good[:2]  # step 30 is replayed by the resume
-    assert (tmp_path / "metrics.jsonl.unreadable").read_text().splitlines() == NON_FINITE[:3]
-    assert "3 line(s)" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl.unreadable").read_text().splitlines() == unreadable
+    assert "4 line(s)" in capsys.readouterr().err
+
+
+def test_deeply_nested_json_in_a_run_is_skipped_not_a_crash(tmp_path, capsys):
+    autoencoder_sweep(tmp_path / "sweep")
+    runs = sorted((tmp_path / "sweep").glob("*"))
+    (runs[0] / "result.json").write_text("[" * 100_000 + "]" * 100_000)
+    with open(runs[1] / "metrics.jsonl", "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    before = snapshot(tmp_path / "sweep")
+    err = succeeds(["analyze", tmp_path / "sweep", "--k", "2", "--n", "3"], capsys)
+    assert "result.json is nested too deeply" in err
+    assert {k: v for k, v in snapshot(tmp_path / "sweep").items() if k in before} == before
 
 
 @pytest.mark.parametrize("name", ["result.json", "config.yaml"])

@@ -120,6 +120,9 @@ def read_result(path: Path) -> Outcome:
     except json.JSONDecodeError as e:
         raise BadRun(f"result.json is not valid JSON (truncated? {e.msg}: line {e.lineno} column {e.colno}): copy it "
                      f"again from the run, or delete it to rerun the run (`harness sweep SPEC` reruns what is missing)") from None
+    except RecursionError:  # json nests one Python frame per level: `[[[[...` a hundred thousand deep
+        raise BadRun("result.json is nested too deeply to be a run's result: copy it again from the run, or delete "
+                     "it to rerun the run (`harness sweep SPEC` reruns what is missing)") from None
     return outcome_of(result, "result.json")
 
 

@@ -42,7 +42,7 @@ def read_history(path: Optional[Path]) -> tuple[list[dict], int]:
         try:
             record = json.loads(line)
             step = record["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):  # RecursionError: `[[[[...` deep
             bad += 1
             continue
         if not is_number(step) or not math.isfinite(step) or not isinstance(record, dict):

@@ -94,5 +94,5 @@ def expected_runs(sweep_dir: Path) -> int:
     path = Path(sweep_dir) / ".sweep" / "runs.json"
     try:
         return len(json.loads(path.read_text())["runs"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, RecursionError):
         return 0

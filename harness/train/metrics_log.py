@@ -89,7 +89,7 @@ def _step_of(line: str) -> int | None:
     step is not a finite number (Python's json reads `Infinity` and `NaN`): such lines are dropped on resume."""
     try:
         step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
         return None
