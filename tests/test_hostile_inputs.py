@@ -550,3 +550,13 @@ def test_os_errors_without_a_mount_to_stage_them(error, expected):
     from harness.core.errors import os_error_message
 
     assert os_error_message(error).startswith(expected)
+
+
+def test_a_deeply_nested_deepspeed_json_is_a_config_error(tmp_path):
+    from harness.core.errors import ConfigError
+    from harness.recipe.batch_plan import make_batch_plan
+    from harness.train.deepspeed_engine import deepspeed_config
+
+    (tmp_path / "ds.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply to be a DeepSpeed config"):
+        deepspeed_config(make_batch_plan(64, 1), "fp32", None, str(tmp_path / "ds.json"))
