@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,20 @@ def held_out_split(num_examples: int, keep: int, where: str = "") -> np.ndarray:
     return np.sort(perm[:keep])
 
 
-def _decode(sample: dict) -> np.ndarray:
+def _decode(sample: dict, shape: tuple[int, int]) -> np.ndarray:
+    """The image of a sample; ValueError before decoding when its header's (height, width) is not `shape`, so a
+    decompression bomb (a small PNG that inflates to gigabytes) is refused from its header, unread."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             data = sample[ext]
             if ext == "npy":
-                return np.load(io.BytesIO(data))
-            return np.asarray(Image.open(io.BytesIO(data)))
+                return np.load(io.BytesIO(data), allow_pickle=False)
+            with warnings.catch_warnings():  # PIL warns above Image.MAX_IMAGE_PIXELS and raises above twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+            if (image.height, image.width) != shape:
+                raise ValueError(f"a {image.width}x{image.height} image, the manifest says {shape[1]}x{shape[0]}")
+            return np.asarray(image)
     raise KeyError(f"no image member (one of {', '.join(IMAGE_EXTS)})")
 
 
@@ -87,6 +95,9 @@ def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -
                     paths.append(root / shard["name"])
     else:
         paths = verify_shards(root, entry)
+    if len(manifest.get("image_shape") or ()) != 3 or not isinstance(manifest.get("classes"), list):
+        raise DataError(f"{root / 'manifest.json'}: image data needs image_shape [C, H, W] and a list of classes; "
+                        f"re-run the conversion into {root}")
     c, h, w = manifest["image_shape"]
     n, classes = entry["size"], len(manifest["classes"])
     dtype = np.dtype(value_type(manifest, root)[0])
@@ -105,12 +116,16 @@ def load_split(root: Path, manifest: dict, split: str, skip_bad: bool = False) -
         try:
             index = int(sample["__key__"])
             label = int(sample["cls"])
-            image = _decode(sample)
-        except (KeyError, ValueError, OSError, UnidentifiedImageError) as e:
+            image = _decode(sample, (h, w))
+        except (KeyError, ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
             reject(f"{where} is unreadable ({e}); re-run the conversion into {root}")
             continue
         if not 0 <= index < n:
             reject(f"{where}: key {index} is outside the split size {n}; re-run the conversion into {root}")
+            continue
+        if labels[index] >= 0:  # a second sample with this key would silently replace the first
+            reject(f"{where}: key {index} appears twice in the split; re-run the conversion into {root}")
             continue
         if not 0 <= label < classes:
             reject(f"{where}: label {label} is outside 0..{classes - 1}; fix the source labels and re-convert")

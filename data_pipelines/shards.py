@@ -32,6 +32,9 @@ from harness.core.io import atomic_write_json
 FORMAT = "harness-shards/1"
 MANIFEST = "manifest.json"
 PARTIAL = ".manifest.partial.json"
+# A manifest holds under 200 bytes per shard (name, count, bytes, sha256, start, stop): 64 MiB is over 300,000
+# shards. A larger file is not one the converters wrote, and is refused unread.
+MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def sha256_file(path: Path) -> str:
@@ -126,18 +129,66 @@ def read_manifest(path: str | Path, kind: str | None = None) -> dict:
     file = root / MANIFEST
     if not file.is_file():
         raise DataError(f"data path {root} has no {MANIFEST}, so it is not a shard directory; {hint}")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{file} is {file.stat().st_size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a manifest has; "
+                        "re-run the conversion")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-run the conversion") from None
+    except RecursionError:  # json nests one Python frame per level
+        raise DataError(f"{file} is nested too deeply to be a manifest; re-run the conversion") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{file} is not a {FORMAT} manifest; re-run the conversion with this version of the harness")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{file}: {problem}; re-run the conversion into {root} (or restore the manifest it wrote)")
     if kind is not None and manifest.get("kind") != kind:
         raise DataError(
             f"{root} holds {manifest.get('kind')!r} shards but data.name is {kind!r}; "
             f"set data.name={manifest.get('kind')} or point data.path at {kind} shards"
         )
     return manifest
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_plain_name(name: Any) -> bool:
+    """A shard name is a file name inside the data directory: no directory part, no `..`, not absolute, so a
+    manifest cannot make the harness read (or a converter overwrite) a file elsewhere."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is structurally wrong with a manifest (the keys every reader indexes), or None."""
+    for key in ("kind", "task"):
+        if not isinstance(manifest.get(key), str):
+            return f"{key} is {manifest.get(key)!r}, not a name"
+    shape = manifest.get("image_shape")
+    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                                  and all(_is_count(d) and d > 0 for d in shape)):
+        return f"image_shape is {shape!r}, not a list of positive sizes such as [3, 32, 32]"
+    if "classes" in manifest and not isinstance(manifest["classes"], list):
+        return f"classes is {manifest['classes']!r}, not a list of class names"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        return f"splits is {str(splits)[:60]!r}, not a mapping of split names (with a 'train' split) to their shards"
+    for split, entry in splits.items():
+        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("shards"), list)):
+            return f"split {split!r} lacks a size and a list of shards"
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict) or not _is_plain_name(shard.get("name")):
+                name = shard.get("name") if isinstance(shard, dict) else shard
+                return f"split {split!r}: shard name {name!r} is not a file name inside the data directory"
+            sha = shard.get("sha256")
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                return f"shard {shard['name']}: sha256 is {sha!r}, not a 64-digit hex checksum"
+            if not _is_count(shard.get("count", 0)) or not _is_count(shard.get("bytes", 0)):
+                return f"shard {shard['name']}: count and bytes must be non-negative integers"
+    return None
 
 
 def split_entry(manifest: dict, root: Path, split: str) -> dict:
@@ -189,7 +240,8 @@ def check_shard_files(root: Path, entry: dict) -> list[Path]:
 
 
 def iter_samples(paths: list[Path], handler: Callable | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (bytes per member) of the shards, in order, in this process."""
+    """Raw samples (bytes per member) of the shards, in order, in this process. A shard webdataset cannot group
+    into samples (two members of one sample with the same name: `0001.png` twice) is a DataError."""
     dataset = wds.WebDataset(
         [str(p) for p in paths],
         shardshuffle=False,
@@ -198,4 +250,20 @@ def iter_samples(paths: list[Path], handler: Callable | None = None) -> Iterator
         handler=handler or wds.reraise_exception,
         empty_check=False,
     )
-    return iter(dataset)
+    return _named_errors(iter(dataset), paths)
+
+
+def _named_errors(samples: Iterator[dict[str, Any]], paths: list[Path]) -> Iterator[dict[str, Any]]:
+    """The samples; webdataset's ValueError (duplicate member names, tarfile's own errors) as a DataError."""
+    import tarfile
+
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except (ValueError, tarfile.TarError) as e:
+            where = paths[0].parent if paths else "the data directory"
+            raise DataError(f"a shard in {where} is malformed ({str(e).splitlines()[0][:200]}); "
+                            f"re-run the conversion into {where}") from None
+        yield sample

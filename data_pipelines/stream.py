@@ -239,6 +239,7 @@ class ShardStream(IterableDataset):
 
     def _transform(self, sample: dict, key: int):
         """(image or (jpeg, crop, flip), label), or None for a bad sample (skip_bad)."""
+        from PIL.Image import DecompressionBombError  # Image.open of a header claiming > 2 x MAX_IMAGE_PIXELS
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import functional as F
 
@@ -262,7 +263,7 @@ class ShardStream(IterableDataset):
                     warnings.simplefilter("ignore", DeprecationWarning)
                     image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
                 size = tuple(image.shape[-2:])
-        except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+        except (RuntimeError, OSError, ValueError, SyntaxError, DecompressionBombError) as e:
             return self._reject(f"{where} is not a readable JPEG ({type(e).__name__}: {e}); re-run the conversion into {self.root}")
         if self.train and self.augment:
             crop = self._crop(size, key)

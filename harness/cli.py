@@ -4,18 +4,24 @@ probe: probe/cli.py),
 and each command imports what it needs when it runs, so `harness analyze` never loads torch.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
-the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep); `--debug` shows the traceback.
+the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep, 8 file system); an OSError
+(disk full, read-only, permissions) is one line naming the path and the errno, exit 8. `--debug` also prints
+the traceback and keeps the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import FileSystemError, HarnessError, os_error_message
+from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
 
@@ -37,6 +43,7 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, cfg)
+    require_directory(run_dir, "--run-dir")
     result = train(cfg, run_dir)
     if result["status"] == COMPLETED and int(os.environ.get("RANK", "0")) == 0:
         tb = run_dir / "tb"
@@ -109,14 +116,45 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     set_local_rank(args.local_rank)
+    previous_hook, threading.excepthook = threading.excepthook, _thread_os_error_hook(args.debug)
     try:
         code = args.func(args)
     except HarnessError as e:
-        if args.debug:
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"harness: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        # Under torchrun every rank fails alike on a config, plan or data error: say it once.
+        _fail(str(e), e.exit_code, args.debug, every_rank=False)
+    except OSError as e:
+        # A rank's OSError is about its own files (DeepSpeed writes a checkpoint shard per rank): every rank says it.
+        _fail(os_error_message(e), FileSystemError.exit_code, args.debug, every_rank=True)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        threading.excepthook = previous_hook
+    sys.exit(code)
+
+
+def _thread_os_error_hook(debug: bool):
+    """TensorBoard writes its event file from a thread; on a full disk that thread dies with a traceback, and the
+    writer re-raises the error in the main thread at the next write (MetricsLog names the path, main says it).
+    The thread's own report becomes a warning line; other exceptions keep Python's default report."""
+    def hook(info: threading.ExceptHookArgs) -> None:
+        e = info.exc_value
+        if isinstance(e, OSError) and not debug:
+            what = os_error_message(e) if e.filename is not None else f"{e.strerror or e} ({errno.errorcode.get(e.errno, '?')})"
+            print(f"harness: warning: background thread {info.thread.name if info.thread else '?'} stopped: {what}",
+                  file=sys.stderr)
+        else:
+            threading.__excepthook__(info)
+    return hook
+
+
+def _fail(message: str, code: int, debug: bool, every_rank: bool) -> None:
+    """Print `harness: error: MESSAGE` (rank 0, or every rank tagged with its number) and exit with `code`;
+    --debug prints the traceback first (the exit code stays the error's, so scripts see the same code)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if debug:
+        traceback.print_exc()
+    if rank == 0:
+        print(f"harness: error: {message}", file=sys.stderr)
+    elif every_rank:
+        print(f"harness: error: rank {rank}: {message}", file=sys.stderr)
     sys.exit(code)

@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,7 +207,11 @@ def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_same_command_resume
 
 @pytest.mark.slow
 def test_failed_runs_are_recorded_and_run_again(tmp_path, digits_shards):
+    # A manifest without its shards: the sweep's up-front data check (a missing data path is one line, exit 4,
+    # tests/test_hostile_inputs.py) reads only the manifest, so each run fails on its own, as a run can.
     broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(digits_shards / "manifest.json", broken)
     spec = tiny_spec(tmp_path, broken, "  optim.effective_lr: [0.1, 0.2]")
     sweep_dir = tmp_path / "sweep"
     proc = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", check=False, env=env())
@@ -214,6 +219,7 @@ def test_failed_runs_are_recorded_and_run_again(tmp_path, digits_shards):
     errors = list(sweep_dir.glob("*/error.txt"))
     assert len(errors) == 2 and "DataError" in errors[0].read_text()
     assert [h["status"] for h in history(sweep_dir)] == ["failed", "failed"]
+    shutil.rmtree(broken)
     broken.symlink_to(digits_shards)  # fix the cause; the same command runs exactly the failed runs
     out = run_harness("sweep", spec, "--sweep-dir", sweep_dir, "--no-pack", env=env()).stdout
     assert "0 finished, 0 running elsewhere, 2 to run" in out and "2 completed" in out

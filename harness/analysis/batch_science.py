@@ -75,7 +75,7 @@ def _read_json(path: Path, what: str):
         raise BadRun(f"no {path.name}: {what}")
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadRun(f"{path.name} is not readable JSON ({' '.join(str(e).split())}): {what}") from None
 
 

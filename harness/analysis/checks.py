@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from harness.core.configlib import load_yaml_text
 from harness.core.keys import flatten, is_layout_key
 from harness.core.status import DIVERGED, FINISHED, INTERRUPTED
 
@@ -22,6 +23,16 @@ METRIC_DIRECTIONS = {"test_accuracy": True, "test_perplexity": False, "test_mse"
 # What the analysis groups runs by (select.py): a config without them is not a harness run config.
 REQUIRED_CONFIG = {"optim.name": (str,), "optim.effective_lr": (int, float), "batch.global_batch_size": (int,)}
 MOVE_OUT = "move the directory out of the sweep directory"
+# A run's result.json and config.yaml are a few kilobytes; one larger than this is not a harness file, and is
+# refused from its size instead of read whole (a 1 GB file cost 2 GB of memory to parse).
+MAX_RUN_FILE_BYTES = 16 * 2**20
+
+
+def _check_size(path: Path, fix: str) -> None:
+    size = path.stat().st_size
+    if size > MAX_RUN_FILE_BYTES:
+        raise BadRun(f"{path.name} is {size:,} bytes, more than the {MAX_RUN_FILE_BYTES:,} a harness run file has "
+                     f"(not one the harness wrote); {fix}")
 
 
 class BadRun(Exception):
@@ -67,12 +78,13 @@ def read_config(path: Path) -> dict:
         raise BadRun(f"result.json without config.yaml (not a run directory the harness wrote): copy config.yaml "
                      f"from the run's original directory, or {MOVE_OUT}")
     try:
+        _check_size(path, f"restore it from the run's original directory, or {MOVE_OUT}")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise BadRun(f"config.yaml cannot be read ({_one_line(e.strerror if isinstance(e, OSError) else e)}): "
                      f"restore it, or {MOVE_OUT}") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = load_yaml_text(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -100,6 +112,7 @@ def read_result(path: Path) -> Outcome:
     if not path.exists():
         return Outcome("unfinished")
     try:
+        _check_size(path, "copy it again from the run, or delete it to rerun the run")
         result = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise BadRun(f"result.json cannot be read ({_one_line(e.strerror if isinstance(e, OSError) else e)}): "
@@ -107,6 +120,9 @@ def read_result(path: Path) -> Outcome:
     except json.JSONDecodeError as e:
         raise BadRun(f"result.json is not valid JSON (truncated? {e.msg}: line {e.lineno} column {e.colno}): copy it "
                      f"again from the run, or delete it to rerun the run (`harness sweep SPEC` reruns what is missing)") from None
+    except RecursionError:  # json nests one Python frame per level: `[[[[...` a hundred thousand deep
+        raise BadRun("result.json is nested too deeply to be a run's result: copy it again from the run, or delete "
+                     "it to rerun the run (`harness sweep SPEC` reruns what is missing)") from None
     return outcome_of(result, "result.json")
 
 

@@ -42,11 +42,11 @@ def read_history(path: Optional[Path]) -> tuple[list[dict], int]:
         try:
             record = json.loads(line)
             step = record["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError):  # RecursionError: `[[[[...` deep
             bad += 1
             continue
-        if not is_number(step) or not isinstance(record, dict):
-            bad += 1
+        if not is_number(step) or not math.isfinite(step) or not isinstance(record, dict):
+            bad += 1  # Python's json reads `Infinity` and `NaN`: a record at no step is not one
             continue
         by_step.setdefault(int(step), {"step": int(step)}).update(
             {k: v for k, v in record.items() if k != "step" and (is_number(v) or v is None)})
@@ -55,7 +55,8 @@ def read_history(path: Optional[Path]) -> tuple[list[dict], int]:
 
 def add_epochs(records: list[dict]) -> list[dict]:
     """Give every record an `epoch`, from the steps per epoch of the records that have one."""
-    per_epoch = [r["step"] / r["epoch"] for r in records if is_number(r.get("epoch")) and r["epoch"] > 0]
+    per_epoch = [r["step"] / r["epoch"] for r in records
+                 if is_number(r.get("epoch")) and math.isfinite(r["epoch"]) and r["epoch"] > 0 and r["step"] > 0]
     if per_epoch:
         steps_per_epoch = sum(per_epoch) / len(per_epoch)
         for r in records:

@@ -19,6 +19,7 @@ import yaml
 from harness.analysis.batch_science import load_studies
 from harness.analysis.checks import BadRun, read_config, read_result
 from harness.analysis.records import UNFINISHED, RunRecord, Warn, discover, record_of
+from harness.core.configlib import load_yaml_text
 from harness.core.errors import SweepError
 from harness.recipe.selection import Selection
 
@@ -83,7 +84,7 @@ def selection_of(sweep_dir: Path) -> tuple[int, int]:
     default = Selection()
     path = Path(sweep_dir) / "sweep.yaml"
     try:
-        select = (yaml.safe_load(path.read_text()) or {}).get("select") or {}
+        select = (load_yaml_text(path.read_text()) or {}).get("select") or {}
         return int(select.get("k", default.k)), int(select.get("n", default.n))
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return default.k, default.n  # none, or not ours: --k/--n say what the paper's defaults do not
@@ -93,5 +94,5 @@ def expected_runs(sweep_dir: Path) -> int:
     path = Path(sweep_dir) / ".sweep" / "runs.json"
     try:
         return len(json.loads(path.read_text())["runs"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, RecursionError):
         return 0

@@ -35,6 +35,12 @@ def non_negative(default: Any = dataclasses.MISSING, **kwargs):
     return dataclasses.field(default=default, metadata={"ge": 0}, **kwargs)
 
 
+def bounded(default: Any = dataclasses.MISSING, *, ge: Any = None, gt: Any = None, le: Any = None, why: str = "", **kwargs):
+    """A numeric field with bounds (ge/gt below, le above); `why` says where the upper bound comes from."""
+    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return dataclasses.field(default=default, metadata={**meta, "why": why}, **kwargs)
+
+
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
@@ -130,6 +136,9 @@ def _check_bounds(value: Any, meta: typing.Mapping, path: str) -> None:
         raise ConfigError(f"config key {path}: must be > {meta['gt']}, got {value}")
     if "ge" in meta and not value >= meta["ge"]:
         raise ConfigError(f"config key {path}: must be >= {meta['ge']}, got {value}")
+    if "le" in meta and not value <= meta["le"]:
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        raise ConfigError(f"config key {path}: must be <= {meta['le']:,}{why}, got {_fmt(value)}")
 
 
 def _unknown_key(key: str, valid: list[str], path: str) -> ConfigError:
@@ -219,8 +228,37 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Limits of the YAML the harness reads (configs, sweep specs, run directories' config.yaml). A config has about a
+# hundred nodes and a large spec a few thousand; the limits stop a hostile file before it costs memory or stack:
+# an alias bomb ("billion laughs": nine anchors of nine aliases each expand to 9^9 nodes when anything walks the
+# tree) and deep nesting (PyYAML's composer recurses once per level: RecursionError near 1000 levels).
+MAX_YAML_BYTES = 16 * 2**20
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases
+MAX_YAML_DEPTH = 64
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one), nesting deeper than
+    MAX_YAML_DEPTH and documents whose aliases expand to more than MAX_YAML_NODES nodes."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -233,12 +271,43 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _check_expanded_size(root) -> None:
+    """Count the nodes of the tree with every alias expanded, without expanding it: a node's size is memoized
+    by identity (an alias is the same node object), so this costs one visit per distinct node."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            else:
+                children = []
+            sizes[id(node)] = 1 + sum(size(c) for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"expands to more than {MAX_YAML_NODES:,} values (aliases of aliases?)", node.start_mark)
+        return sizes[id(node)]
+
+    if root is not None:
+        size(root)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text as Python values, with the strict loader's limits (yaml.YAMLError when it breaks one)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass the path of a YAML file (see yaml/ for examples)")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, more than the {MAX_YAML_BYTES:,} a config "
+                          "or sweep spec may have; pass a config file (see yaml/ for examples)")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        data = load_yaml_text(path.read_text())
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as e:
@@ -260,7 +329,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set optim.effective_lr=0.5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from harness.core import configlib
 from harness.core.errors import CheckpointError, ConfigError
 from harness.core.status import COMPLETED
@@ -149,7 +148,7 @@ def run_branches(target: str, ks: list[int], cap: int, metric: str, loss_target:
     ks = sorted(set(ks) | {1})
     if cap < 4 or tolerance <= 0:
         raise ConfigError(f"probe --branch: give --steps >= 4 and --tolerance > 0 (got {cap}, {tolerance})")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = configlib.load_yaml_text((run_dir / "config.yaml").read_text())
     rate = trunk_rate(config, step)
     b = config["batch"]["global_batch_size"]
     eval_every = eval_every or max(1, cap // 400)

@@ -57,9 +57,9 @@ def run_probe(config_path: str, overrides: list[str], batch_sizes: Optional[list
     for b in batch_sizes:  # a batch size the plan cannot lay out fails here, in one line, before any run
         cfg.batch.global_batch_size = b
         plan_of(cfg, 1)
-    from data_pipelines.shards import read_manifest
+    from harness.sweep.spec import check_data_paths
 
-    read_manifest(cfg.data.path, cfg.data.name)  # missing shards: one line now, not one failure per probe run
+    check_data_paths([configlib.to_dict(cfg)])  # missing shards: one line now, not one failure per probe run
     out = Path(out) if out else default_out(config_path, load_config(config_path, overrides))
     centre = round(math.log2(cfg.optim.effective_lr))
     lr_log2 = tuple(lr_range) if lr_range else (centre - 5, centre + 4)

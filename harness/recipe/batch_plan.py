@@ -14,8 +14,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from harness.core.configlib import positive
+from harness.core.configlib import bounded, positive
 from harness.core.errors import PlanError
+
+
+# The largest global batch accepted: 2^24 = 16,777,216 examples per step, far above the batches large-batch
+# studies train (the yaml/ sweeps stop at 2^15). It also bounds the divisor search below (sqrt(2^24) = 4096
+# trial divisions per search): an absurd B is refused at once instead of searched for minutes.
+MAX_GLOBAL_BATCH = 2**24
 
 
 @dataclass
@@ -23,7 +29,7 @@ class BatchConfig:
     """`batch:` of a run config."""
 
     # B, the number of examples per optimizer step: the one batch knob; everything else is derived from it.
-    global_batch_size: int = positive(128)
+    global_batch_size: int = bounded(128, gt=0, le=MAX_GLOBAL_BATCH, why="2^24, the largest batch the harness plans")
     # Examples per rank per forward pass. Unset: the largest that fits max_micro_batch_size.
     micro_batch_size: Optional[int] = positive(None)
     max_micro_batch_size: int = positive(256)
@@ -110,6 +116,8 @@ def make_batch_plan(
     for name, value in (("global batch", b), ("world size", w), ("ghost batch size", g), ("micro-batch", micro_batch_size)):
         if value is not None and value <= 0:
             raise PlanError(f"{name} must be positive, got {value}")
+        if value is not None and value > MAX_GLOBAL_BATCH:
+            raise PlanError(f"{name} {value:,} is larger than the largest global batch, {MAX_GLOBAL_BATCH:,} examples")
     if g is not None and b % g:
         raise PlanError(
             f"global batch {b} is not a multiple of the ghost batch size {g}; "

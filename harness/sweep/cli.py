@@ -33,10 +33,13 @@ def add_parsers(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.sweep.spec import load_spec
+    from harness.core.paths import require_directory
+    from harness.sweep.spec import check_data_paths, load_spec
+    from harness.sweep.state import is_finished
 
     sweep = load_spec(args.spec, allow_unchecked_models=args.dry_run)
     sweep_dir = Path(args.sweep_dir or Path("runs") / sweep.name)
+    require_directory(sweep_dir, "--sweep-dir")
     pack = sweep.spec.executor.pack and not args.no_pack
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError("--max-parallel must be at least 1")
@@ -46,6 +49,9 @@ def cmd_sweep(args) -> int:
         print(dry_run_report(sweep, sweep_dir, args.executor, args.max_parallel, pack,
                              args.throughput or sweep.spec.cost.examples_per_second_per_gpu))
         return 0
+    # Before any run directory or array job exists; finished runs need no data (a complete sweep resubmitted
+    # after its data was moved still reports that nothing is left to run).
+    check_data_paths(run.config for run in sweep.runs if not is_finished(run.dir(sweep_dir)))
     if args.executor == "slurm":
         from harness.sweep.slurm import submit_sweep
 

@@ -79,6 +79,27 @@ def _pow2(e: float, scale: float) -> float:
 
 
 AXIS_KEYS = ("values", "range", "log2", "step", "scale", "slide")
+# Limits on a grid, checked before anything is expanded: an axis of a million seeds, or a product of axes that
+# no allocation could train, is a typo; refusing it at once beats minutes of expansion and a memory blow-up.
+# The yaml/ sweeps have at most 15 values per axis and about a thousand points.
+MAX_AXIS_VALUES = 10_000
+MAX_GRID_POINTS = 50_000
+
+
+def _check_axis_size(where: str, n: int) -> None:
+    if n > MAX_AXIS_VALUES:
+        raise ConfigError(f"{where}: {n:,} values, more than the {MAX_AXIS_VALUES:,} an axis may have; "
+                          "narrow the axis (a typo in a range or log2 step?)")
+
+
+def check_grid_size(blocks: list[list["Axis"]]) -> int:
+    """The number of grid points (before constraints), or ConfigError above MAX_GRID_POINTS."""
+    sizes = [math.prod(len(a.values) for a in axes) for axes in blocks]
+    if sum(sizes) > MAX_GRID_POINTS:
+        shape = " + ".join(" x ".join(str(len(a.values)) for a in axes) or "1" for axes in blocks)
+        raise ConfigError(f"the grid has {sum(sizes):,} points ({shape}), more than the {MAX_GRID_POINTS:,} a sweep "
+                          "may have; split it into several specs or narrow its axes")
+    return sum(sizes)
 SLIDE_KEYS = ("axis", "ref", "rate", "min", "max")
 
 
@@ -87,6 +108,7 @@ def parse_axis(key: str, spec: Any) -> Axis:
     if isinstance(spec, list):
         if not spec:
             raise ConfigError(f"{where}: an empty list of values; give at least one")
+        _check_axis_size(where, len(spec))
         return Axis(key, tuple(spec))
     if not isinstance(spec, dict):
         return Axis(key, (spec,))
@@ -106,8 +128,10 @@ def parse_axis(key: str, spec: Any) -> Axis:
         if set(spec) - {"range"}:
             raise ConfigError(f"{where}: 'range' takes no other keys")
         if isinstance(r, int) and not isinstance(r, bool) and r > 0:
+            _check_axis_size(where, r)
             return Axis(key, tuple(range(r)))
         if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r) and r[0] < r[1]:
+            _check_axis_size(where, r[1] - r[0])
             return Axis(key, tuple(range(r[0], r[1])))
         raise ConfigError(f"{where}: range must be a positive count N (0..N-1) or [start, stop) integers, got {r!r}")
     lo_hi = spec["log2"]
@@ -116,8 +140,9 @@ def parse_axis(key: str, spec: Any) -> Axis:
     step = _number(spec.get("step", 1), f"{where}.step", positive=True)
     scale = _number(spec.get("scale", 1), f"{where}.scale", positive=True)
     n = (lo_hi[1] - lo_hi[0]) / step
-    if abs(n - round(n)) > 1e-9:
+    if not math.isfinite(n) or abs(n - round(n)) > 1e-9:
         raise ConfigError(f"{where}: log2 range {lo_hi} is not a whole number of steps of {step}")
+    _check_axis_size(where, int(round(n)) + 1)
     exponents = tuple(round(lo_hi[0] + i * step, 9) for i in range(int(round(n)) + 1))
     slide = None
     if "slide" in spec:

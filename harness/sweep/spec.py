@@ -32,7 +32,7 @@ from harness.core.errors import ConfigError
 from harness.core.keys import get_dotted, run_id, set_dotted
 from harness.recipe.budget import BUDGET_RULES, check_budget_rule
 from harness.recipe.selection import Selection
-from harness.sweep.grid import Axis, parse_axis, parse_constraint, satisfies
+from harness.sweep.grid import Axis, check_grid_size, parse_axis, parse_constraint, satisfies
 from harness.train.config import Config, from_dict
 
 
@@ -222,12 +222,15 @@ def expand(spec: SweepSpec, spec_path: Optional[Path] = None, allow_unchecked_mo
     blocks = [spec.grid] if isinstance(spec.grid, dict) else list(spec.grid)
     if not blocks:
         raise ConfigError("sweep spec key grid: an empty list; give at least one mapping of key: values")
+    if any(not block for block in blocks):  # `grid: {}` would be one run of the base config: say so instead
+        raise ConfigError("sweep spec key grid: an empty mapping; give at least one key: values "
+                          "(to train the base config once, use `harness train`)")
     constraints = [parse_constraint(c) for c in spec.constraints]
-    parsed_blocks, runs, seen = [], [], set()
+    parsed_blocks = [[parse_axis(str(k), v) for k, v in block.items()] for block in blocks]
+    check_grid_size(parsed_blocks)
+    runs, seen = [], set()
     dropped = duplicates = 0
-    for block in blocks:
-        axes = [parse_axis(str(k), v) for k, v in block.items()]
-        parsed_blocks.append(axes)
+    for axes in parsed_blocks:
         keys = {a.key for a in axes}
         for a in axes:
             if a.slide and (a.slide.axis not in keys or next(b for b in axes if b.key == a.slide.axis).slide):
@@ -252,6 +255,15 @@ def expand(spec: SweepSpec, spec_path: Optional[Path] = None, allow_unchecked_mo
     sweep = Sweep(spec, name, spec_path, base, parsed_blocks, runs, dropped, duplicates)
     check_budget_rule(spec.budget_rule, runs)
     return sweep
+
+
+def check_data_paths(configs) -> None:
+    """Every distinct (data.name, data.path) of these resolved configs is a shard directory of that kind, or one
+    DataError (exit 4) before anything runs: a missing path fails every run alike, so say it once, not per run."""
+    from data_pipelines.shards import read_manifest
+
+    for name, path in dict.fromkeys((c["data"]["name"], c["data"]["path"]) for c in configs):
+        read_manifest(path, name)
 
 
 def _points(axes: list[Axis]):

@@ -19,7 +19,7 @@ import yaml
 from data_pipelines.config import DataConfig
 from data_pipelines.spec import DataSpec
 from harness.core import configlib
-from harness.core.configlib import non_negative, positive
+from harness.core.configlib import bounded, non_negative, positive
 from harness.core.errors import ConfigError
 from harness.core.keys import flatten, is_layout_key, run_id
 from harness.recipe.batch_plan import BatchConfig, BatchPlan, plan_for
@@ -144,7 +144,9 @@ def _model_field():
 
 @dataclass
 class Config:
-    seed: int = 0
+    # 0 .. 2^32 - 1: numpy's generators take no negative seed, and the augmentation keys pack the seed into the
+    # low 32 bits of a 64-bit word (data_pipelines/order.py example_keys), so larger seeds would collide.
+    seed: int = bounded(0, ge=0, le=2**32 - 1, why="numpy seeds are non-negative; augmentation keys hold 32 bits")
     # fp32 is IEEE fp32 on every device; tf32: fp32 weights, TF32 matrix products and convolutions on CUDA;
     # bf16: fp32 weights and optimizer, bf16 autocast.
     precision: Literal["fp32", "fp64", "bf16", "tf32"] = "fp32"

@@ -77,6 +77,8 @@ def _read_json(path: str) -> dict:
         raise ConfigError(f"deepspeed.config {path}: file not found; point deepspeed.config at a DeepSpeed JSON") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed.config {path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:  # json nests one Python frame per level
+        raise ConfigError(f"deepspeed.config {path}: nested too deeply to be a DeepSpeed config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed.config {path}: expected a JSON object of DeepSpeed keys, got {type(data).__name__}")
     return data

@@ -4,9 +4,11 @@ events under tb/, written by rank 0."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
-from harness.core.io import atomic_write_text
+from harness.core.io import atomic_write_text, names_path
 
 
 class MetricsLog:
@@ -32,43 +34,66 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_step]
+            self._keep_unreadable([line for line in lines if _step_of(line) is None])
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.unlink(missing_ok=True)
         self.file = open(self.path, "a")
+        self.tb_dir = Path(run_dir) / "tb"
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            with names_path(self.tb_dir):
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def _keep_unreadable(self, lines: list[str]) -> None:
+        """Lines that are not records (cut by a kill mid-write, a hand edit, a step of Infinity or NaN) leave
+        metrics.jsonl on resume but are not lost: they are appended to metrics.jsonl.unreadable."""
+        if not lines:
+            return
+        aside = self.path.with_name(self.path.name + ".unreadable")
+        with names_path(aside), open(aside, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        print(f"harness: warning: {len(lines)} line(s) of {self.path} are not records with a finite step; "
+              f"moved to {aside}", file=sys.stderr)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with names_path(self.path):  # a full disk fails write() or flush() with no file name
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.writer is not None:
             step = record["step"]
-            for key, value in record.items():
-                if key == "step" or not isinstance(value, (int, float)):
-                    continue
-                tag = self.TAGS.get(key) or _tag(key)
-                self.writer.add_scalar(tag, value, step)
+            with names_path(self.tb_dir):  # the event file's writer thread re-raises its OSError here
+                for key, value in record.items():
+                    if key == "step" or not isinstance(value, (int, float)):
+                        continue
+                    tag = self.TAGS.get(key) or _tag(key)
+                    self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
+        with names_path(self.path):
+            self.file.close()
         if self.writer is not None:
-            self.writer.close()
+            with names_path(self.tb_dir):
+                self.writer.close()
 
 
 def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line that is not a record (cut by a kill, hand-edited) or whose
+    step is not a finite number (Python's json reads `Infinity` and `NaN`): such lines are dropped on resume."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        return None
+    return int(step)
 
 
 def _tag(key: str) -> str:
