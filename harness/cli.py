@@ -4,7 +4,8 @@ probe: probe/cli.py),
 and each command imports what it needs when it runs, so `harness analyze` never loads torch.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
-the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep); `--debug` shows the traceback.
+the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep, 9 run dir in use by another
+writer, 130 interrupted after a checkpoint); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import HarnessError, Interrupted, PeerLost
 from harness.core.status import COMPLETED
 
 
@@ -114,9 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     except HarnessError as e:
         if args.debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"harness: error: {e}", file=sys.stderr)
+        # Under torchrun every rank fails alike: say it once; but a lost peer is seen by the ranks still alive.
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, PeerLost):
+            print(f"harness: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C (harness/train/signals.py), or one before training started
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("harness: interrupted: stopped at once, without a new checkpoint; rerun the same command to resume "
+                  "from the last one", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

@@ -49,3 +49,21 @@ class SweepStopped(SweepError):
     """A sweep stopped early by Ctrl-C or a signal; its runs in progress checkpointed (exit 130, as for Ctrl-C)."""
 
     exit_code = 130
+
+
+class RunDirInUse(HarnessError):
+    """Another live process is training into this run directory (harness/core/lockfile.py)."""
+
+    exit_code = 9
+
+
+class PeerLost(LaunchError):
+    """A rank stopped making progress (frozen, stopped or lost): a collective timed out (exit 5, as a launch
+    fault: the job's processes, not its config, are what went wrong)."""
+
+
+class Interrupted(HarnessError):
+    """Ctrl-C: the run checkpointed at a step boundary and stopped (exit 130, the shell's code for SIGINT).
+    Printed as `harness: <message>`: it is not an error."""
+
+    exit_code = 130
