@@ -137,6 +137,7 @@ class StallWatch:
         self._step: int | None = None
         self._since = 0.0
         self._slowest: float | None = None
+        self._first = True
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
         self._thread.start()
@@ -146,7 +147,10 @@ class StallWatch:
 
     def end(self) -> None:
         took = time.monotonic() - self._since
-        self._slowest = took if self._slowest is None else max(self._slowest, took)
+        if self._first:  # start-up (compile, autotuning, first collectives) says nothing about a step's time
+            self._first = False
+        else:
+            self._slowest = took if self._slowest is None else max(self._slowest, took)
         self._step = None
 
     def close(self) -> None:
