@@ -173,7 +173,7 @@ def test_a_second_ctrl_c_stops_at_once_but_the_terminals_copy_of_the_first_does_
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_ctrl_c_checkpoints_exits_130_and_resumes_bitwise(tmp_path, digits_shards, ranks):
-    cfg, run, ref = config(tmp_path, digits_shards), tmp_path / "run", tmp_path / "ref"
+    cfg, run, ref = config(tmp_path, digits_shards, steps=1500), tmp_path / "run", tmp_path / "ref"
     if ranks == 1:
         run_harness("train", cfg, "--run-dir", ref, env=env())
         proc = start("-m", "harness", "train", cfg, "--run-dir", run, session=True)
@@ -189,13 +189,15 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_bitwise(tmp_path, digits_shard
         proc.kill()
     if ranks == 1:
         assert proc.returncode == 130, err
-    else:  # torchrun re-raises the signal after its workers ended; each worker exited 130
-        assert "exitcode  : 1" not in err, err[-4000:]
+    else:  # torchrun's agent forwards the SIGINT to its workers, waits for them, then re-raises it (exit 1)
+        assert "Received 2 death signal" in err and proc.returncode == 1, err[-4000:]
     lines = harness_lines(err, "harness: interrupted at step ")
     assert len(lines) == 1, err[-4000:]
     assert "checkpoint saved to " in lines[0] and lines[0].endswith("; rerun the same command to resume")
     saved = Path(lines[0].split("checkpoint saved to ")[1].split(";")[0])
-    assert saved.exists() and not (run / "result.json").exists() and "Traceback" not in err.split("harness: Ctrl-C")[-1]
+    assert saved.exists() and not (run / "result.json").exists()
+    # No traceback from the harness (torchrun's agent prints its own SignalException's and exits 1).
+    assert not [line for line in err.splitlines() if 'File "' in line and str(ROOT / "harness") in line], err[-4000:]
     if ranks == 1:
         resumed = run_harness("train", cfg, "--run-dir", run, env=env())
     else:
