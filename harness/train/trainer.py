@@ -283,10 +283,7 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
                 return INTERRUPTED, None
     except Exception as e:
         if env.world_size > 1 and distributed.is_timeout(e):
-            raise PeerLost(f"rank {env.rank}: a collective after step {state.step} waited for another rank and failed ("
-                           f"{str(e).splitlines()[0][:200]}): a rank froze, stopped or was lost; {resumes_from(saved_at[0])}; "
-                           f"raise distributed.timeout_minutes (now {cfg.distributed.timeout_minutes:g}) if a step or a "
-                           "checkpoint legitimately takes longer") from None
+            raise peer_lost(e, env.rank, state.step, saved_at[0], cfg.distributed.timeout_minutes) from None
         raise
     finally:
         if watch is not None:
@@ -294,6 +291,14 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
         bar.close()
         stop.restore()
     return COMPLETED, None
+
+
+def peer_lost(error: Exception, rank: int, step: int, saved_at: int, timeout_minutes: float) -> PeerLost:
+    """A collective that timed out (distributed.timeout_minutes) or lost its peer, as one line."""
+    why = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return PeerLost(f"rank {rank}: a collective after step {step} waited for another rank and failed ({why}): a rank "
+                    f"froze, stopped or was lost; {resumes_from(saved_at)}; raise distributed.timeout_minutes (now "
+                    f"{timeout_minutes:g}) if a step or a checkpoint legitimately takes longer")
 
 
 def resumes_from(step: int) -> str:
