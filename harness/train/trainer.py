@@ -219,7 +219,8 @@ def announce(run: Run) -> None:
 def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
     """The optimizer steps from the current one to the end, a stop request or divergence: (status, diverged_at)."""
     env, cfg, plan, durations, state = run.env, run.cfg, run.plan, run.durations, run.state
-    stop, flags = StopRequest(run.run_dir, run.started, lambda text: say(env, text)), distributed.StepFlags(env.world_size)
+    stop = StopRequest(run.run_dir, run.started, lambda text: say(env, text))
+    flags = distributed.StepFlags(env.world_size)
     saved_at = [state.step]  # the step of the newest checkpoint (0: none yet)
     watch = StallWatch(stop, env.rank, lambda: resumes_from(saved_at[0]), PeerLost.exit_code) \
         if env.world_size > 1 else None
