@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main
+from harness.core.errors import RunDirInUse
+from harness.core.lockfile import RunDirLock
 from harness.train.signals import StopRequest
 from tests.conftest import ROOT, final_state, harness_env, run_harness, torchrun, write_config
 from tests.test_fault_tolerance import bitwise_equal, children, logged_step, wait_for
@@ -100,6 +103,37 @@ def test_second_writer_on_a_run_dir_is_refused(tmp_path, digits_shards, capsys, 
     assert len(refused) == 1 and f"in use by pid {first.pid} on " in refused[0] and "another --run-dir" in refused[0]
     steps = logged_steps(run)
     assert steps == list(range(1, len(steps) + 1))  # one writer: every step once, in order
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from harness.core.lockfile import RunDirLock
+RunDirLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+sys.stdin.read()  # hold until the test closes our stdin
+"""
+
+
+def test_a_requeued_job_waits_for_its_predecessors_lock_and_another_job_does_not(tmp_path, monkeypatch):
+    """A requeue or elastic restart of the same job may start before its predecessor is gone (or, on NFS, before
+    the server drops a crashed node's lock): it waits. Another job is refused at once, told who holds the dir."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=env(SLURM_JOB_ID=77), cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setenv("SLURM_JOB_ID", "78")
+        with pytest.raises(RunDirInUse, match=f"in use by pid {holder.pid} on .*, SLURM job 77"):
+            RunDirLock(tmp_path).acquire()
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        threading.Timer(1.0, holder.stdin.close).start()  # the predecessor exits while we wait
+        lock = RunDirLock(tmp_path)
+        lock.acquire()
+        assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---------------------------------------------------------------------------------------------- sweep workers
