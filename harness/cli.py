@@ -4,9 +4,9 @@ probe: probe/cli.py),
 and each command imports what it needs when it runs, so `harness analyze` never loads torch.
 
 Errors a user can fix (config, plan, data, launch) print one line, `harness: error: ...`, and exit with
-the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep, 8 file system); an OSError
-(disk full, read-only, permissions) is one line naming the path and the errno, exit 8. `--debug` also prints
-the traceback and keeps the exit code.
+the error's own code (2 config, 3 plan, 4 data, 5 launch, 6 checkpoint, 7 sweep, 8 file system, 9 run dir in
+use by another writer, 130 interrupted after a checkpoint); an OSError (disk full, read-only, permissions) is one
+line naming the path and the errno, exit 8. `--debug` also prints the traceback and keeps the exit code.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from harness.core.errors import FileSystemError, HarnessError, os_error_message
+from harness.core.errors import FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
 from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
@@ -120,12 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except HarnessError as e:
-        # Under torchrun every rank fails alike on a config, plan or data error: say it once.
-        _fail(str(e), e.exit_code, args.debug, every_rank=False)
+        # Under torchrun every rank fails alike on a config, plan or data error: say it once; but a lost peer is
+        # seen by the ranks still alive, each of which says so.
+        _fail(str(e), e.exit_code, args.debug, every_rank=isinstance(e, PeerLost),
+              prefix="harness: " if isinstance(e, Interrupted) else "harness: error: ")
     except OSError as e:
         # A rank's OSError is about its own files (DeepSpeed writes a checkpoint shard per rank): every rank says it.
         _fail(os_error_message(e), FileSystemError.exit_code, args.debug, every_rank=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C (harness/train/signals.py), or one before training started
+        if args.debug:
+            traceback.print_exc()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("harness: interrupted: stopped at once, without a new checkpoint; rerun the same command to resume "
+                  "from the last one", file=sys.stderr)
         sys.exit(130)
     finally:
         threading.excepthook = previous_hook
@@ -147,14 +154,14 @@ def _thread_os_error_hook(debug: bool):
     return hook
 
 
-def _fail(message: str, code: int, debug: bool, every_rank: bool) -> None:
+def _fail(message: str, code: int, debug: bool, every_rank: bool, prefix: str = "harness: error: ") -> None:
     """Print `harness: error: MESSAGE` (rank 0, or every rank tagged with its number) and exit with `code`;
     --debug prints the traceback first (the exit code stays the error's, so scripts see the same code)."""
     rank = int(os.environ.get("RANK", "0"))
     if debug:
         traceback.print_exc()
     if rank == 0:
-        print(f"harness: error: {message}", file=sys.stderr)
+        print(f"{prefix}{message}", file=sys.stderr)
     elif every_rank:
-        print(f"harness: error: rank {rank}: {message}", file=sys.stderr)
+        print(f"{prefix}rank {rank}: {message}", file=sys.stderr)
     sys.exit(code)

@@ -103,3 +103,21 @@ def os_error_message(e: OSError) -> str:
     verb = "cannot write" if name in _WRITE_ERRNOS else "cannot use"
     fix = _OS_FIXES.get(name, "check the path and the file system")
     return f"{verb} {path}: {meaning}{code}; {fix}"
+
+
+class RunDirInUse(HarnessError):
+    """Another live process is training into this run directory (harness/core/lockfile.py)."""
+
+    exit_code = 9
+
+
+class PeerLost(LaunchError):
+    """A rank stopped making progress (frozen, stopped or lost): a collective timed out (exit 5, as a launch
+    fault: the job's processes, not its config, are what went wrong)."""
+
+
+class Interrupted(HarnessError):
+    """Ctrl-C: the run checkpointed at a step boundary and stopped (exit 130, the shell's code for SIGINT).
+    Printed as `harness: <message>`: it is not an error."""
+
+    exit_code = 130

@@ -18,7 +18,7 @@ from harness.core.errors import ConfigError
 # Keys that may differ when a run directory is resumed: they change the layout, the logging or where
 # files are, never the trajectory. A key ending in "." names a whole section.
 LAYOUT_KEYS = ("batch.micro_batch_size", "batch.max_micro_batch_size", "device", "backend", "deepspeed.", "data.path",
-               "data.eval_batch_size", "data.workers", "data.gpu_decode", "log.", "checkpoint.", "eval.", "speed.")
+               "data.eval_batch_size", "data.workers", "data.gpu_decode", "log.", "checkpoint.", "eval.", "speed.", "distributed.")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,12 +1,21 @@
 """The local executor: a pool of worker processes on this machine, each taking whole tasks, stopped gracefully
-by Ctrl-C, SIGTERM or SIGUSR1."""
+by Ctrl-C, SIGTERM or SIGUSR1.
+
+Workers die with the executor. A spawn-mode pool has no parent-death check of its own: a SIGKILLed executor's
+workers would go on training, holding run locks, then take the tasks still queued and wait for ever on a pipe
+nobody writes. So each worker asks the kernel for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, Linux),
+checks that its parent is still the executor (it may have died before the prctl), and watches the parent pid from
+a thread (other systems; and to exit once the run in progress has stopped with its checkpoint).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,19 +31,55 @@ from harness.sweep.state import prepare, status
 from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
 
 _WORKER_SIGNALS: Optional[TaskSignals] = None
+_PARENT: Optional[int] = None  # the executor's pid, as it was when this worker started
+_BUSY = threading.Event()  # a task is running in this worker
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ORPHAN_GRACE_SECONDS = 300.0  # an orphan's run that has not stopped by then (a hung step) is abandoned
 
 
-def _init_worker(threads: int, pids, counter) -> None:
+def _init_worker(threads: int, pids, counter, parent: int) -> None:
     global _WORKER_SIGNALS
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    _WORKER_SIGNALS = TaskSignals()  # SIGUSR1 from the parent: stop after the run in progress (checkpointed)
+    _WORKER_SIGNALS.install()  # SIGTERM too: what the kernel sends when the parent dies
+    die_with_parent(parent)
     assign_device(counter, torch.cuda.device_count())
     if threads:
         torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
-    _WORKER_SIGNALS = TaskSignals()  # SIGUSR1 from the parent: stop after the run in progress (checkpointed)
-    _WORKER_SIGNALS.install()
     pids.put(os.getpid())
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM from the kernel when the parent dies, then exit once the run in progress has checkpointed.
+
+    PR_SET_PDEATHSIG follows the *thread* that created this process (prctl(2)); ProcessPoolExecutor spawns its
+    workers from the thread that calls submit(), here the executor's main thread, which lives as long as it does.
+    """
+    global _PARENT
+    _PARENT = parent
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody will ever send us work
+        os._exit(0)
+    threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
+
+
+def _orphaned() -> bool:
+    return _PARENT is not None and os.getppid() != _PARENT
+
+
+def _watch_parent() -> None:
+    while not _orphaned():
+        time.sleep(1.0)
+    if _BUSY.is_set() and _WORKER_SIGNALS is not None:
+        _WORKER_SIGNALS.handle(signal.SIGTERM, None)  # where no prctl did: stop the run at its next step
+        deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+        while _BUSY.is_set() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    os._exit(0)  # _worker exits itself once its task has stopped; this covers an idle worker
 
 
 def assign_device(counter, devices: int) -> int:
@@ -48,7 +93,16 @@ def assign_device(counter, devices: int) -> int:
 
 
 def _worker(sweep_dir: str, task: list[dict], pack: bool) -> list[Outcome]:
-    return execute_task(Path(sweep_dir), task, pack, _WORKER_SIGNALS)
+    if _orphaned():  # a task the dead executor had queued: leave it to the next executor
+        os._exit(0)
+    _BUSY.set()
+    try:
+        outcomes = execute_task(Path(sweep_dir), task, pack, _WORKER_SIGNALS)
+    finally:
+        _BUSY.clear()
+    if _orphaned():  # nobody to report to: the run checkpointed and released its locks (execute_task)
+        os._exit(0)
+    return outcomes
 
 
 class _Stop(Exception):
@@ -119,7 +173,8 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
     try:
         counter = ctx.Value("i", 0)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, pids, counter)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads, pids, counter, os.getpid())) as pool:
             futures = [pool.submit(_worker, str(sweep_dir), task, pack) for task in tasks]
             try:
                 for future in as_completed(futures):

@@ -8,6 +8,10 @@ stale, and may be broken, when its holder is on this host and its pid is gone (o
 process started after the lock was written), or when its heartbeat is older than `stale_after` seconds (a holder
 on another node that crashed or was killed). Breaking is serialized by a
 second O_EXCL file (`.break`), so of several executors that find the same stale lock exactly one takes it.
+
+These locks cover a run from the sweep's side (`sweep` and `status` can see who holds which run without opening
+run directories); the run directory itself is held by whoever trains it (harness/core/lockfile.py, the same
+holder record and `describe`).
 """
 
 from __future__ import annotations
@@ -19,17 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from harness.core.lockfile import describe, holder_info
+
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
 BREAK_STALE_SECONDS = 60.0  # a `.break` file older than this belongs to a breaker that died mid-break
-
-
-def _info() -> dict:
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for key, var in (("slurm_job", "SLURM_JOB_ID"), ("slurm_array_task", "SLURM_ARRAY_TASK_ID")):
-        if var in os.environ:
-            info[key] = os.environ[var]
-    return info
 
 
 PID_REUSE_MARGIN_SECONDS = 60.0  # clock steps and tick rounding; a pid reused sooner is caught by the heartbeat
@@ -85,14 +83,6 @@ def is_stale(path: Path, info: dict | None, stale_after: float) -> bool:
     return age > stale_after  # no heartbeat for that long: a holder elsewhere died (or this pid was reused)
 
 
-def describe(info: dict | None) -> str:
-    if not info:
-        return "an unknown holder"
-    since = time.strftime("%H:%M:%S", time.localtime(info.get("since", 0)))
-    job = f", SLURM job {info['slurm_job']}" if "slurm_job" in info else ""
-    return f"pid {info.get('pid')} on {info.get('host')} since {since}{job}"
-
-
 class RunLocks:
     """The locks of one process in one lock directory, kept fresh by a heartbeat thread."""
 
@@ -130,7 +120,7 @@ class RunLocks:
         """Publish a complete lock file at `path` atomically; False if one is there already."""
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
-            json.dump(_info(), f)
+            json.dump(holder_info(), f)
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -150,7 +140,7 @@ class RunLocks:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            json.dump(_info(), f)
+            json.dump(holder_info(), f)
             f.flush()
             os.fsync(f.fileno())
         return True

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from harness.core.errors import Interrupted, RunDirInUse
 from harness.core.io import atomic_write_text
 from harness.core.paths import REPO_ROOT
 from harness.core.status import FINISHED, INTERRUPTED
@@ -181,6 +182,13 @@ def _run_one(sweep_dir: Path, e: dict, locks: RunLocks) -> Outcome:
             result = train(cfg, run_dir)
     except KeyboardInterrupt:
         raise
+    except Interrupted:  # Ctrl-C in a task run from a terminal (`harness sweep-task`): checkpointed; stop the task
+        _record(sweep_dir, e, INTERRUPTED, started)
+        locks.release(e["id"])
+        raise
+    except RunDirInUse as error:  # a `harness train` outside the sweep holds the run dir: as if locked
+        locks.release(e["id"])
+        return Outcome(e["id"], e["name"], "locked", str(error))
     except Exception as error:  # noqa: BLE001 - a failed run is recorded and the task goes on
         return _failed(sweep_dir, e, started, locks, error)
     if result.get("status") not in FINISHED:

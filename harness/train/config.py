@@ -24,6 +24,7 @@ from harness.core.errors import ConfigError
 from harness.core.keys import flatten, is_layout_key, run_id
 from harness.recipe.batch_plan import BatchConfig, BatchPlan, plan_for
 from harness.recipe.budget import BudgetConfig, Durations, examples_per_epoch, to_steps
+from harness.train.distributed import DistributedConfig
 from models.wide_resnet import WideResNetConfig
 
 
@@ -164,6 +165,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self, path: str) -> None:
         if self.backend == "deepspeed" and self.precision == "fp64":

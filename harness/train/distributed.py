@@ -13,7 +13,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from harness.core.configlib import positive
 from harness.core.errors import ConfigError
+
+
+@dataclass
+class DistributedConfig:
+    """How long a rank waits for the others (a layout key: it never changes the trajectory)."""
+
+    # A collective of the steady state (a training step, a stop-flag exchange, an evaluation) that waits longer
+    # than this for another rank fails the job with one line: a rank that froze (SIGSTOP, a hung GPU, a node
+    # that stopped answering) costs this long instead of torch's 30 minutes. Raise it when a step, an
+    # evaluation or rank 0 saving a checkpoint can legitimately take longer.
+    timeout_minutes: float = positive(10.0)
+    # The same for the start of a run: rendezvous, process-group creation, and everything up to the end of the
+    # first step (torch.compile, cuDNN autotuning, DeepSpeed initialization, data readers opening shards).
+    startup_timeout_minutes: float = positive(30.0)
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,7 @@ def rank_from_env() -> int:
 
 
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """The process group (world size > 1), created with the start-up timeout `timeout_minutes`."""
     world = world_size_from_env()
     rank = rank_from_env()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +86,31 @@ def ensure_process_group(device: torch.device) -> None:
                                 rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
+# The process groups this module created besides the default one (ghost BN, step flags): set_timeout covers them.
+_groups: list = []
+
+
+def set_timeout(minutes: float) -> None:
+    """The timeout of every later collective of the default group and of the groups created here.
+
+    Called after the first step: start-up may need long waits, the steady state should notice a lost rank soon.
+    gloo applies it to each operation; NCCL's watchdog aborts a collective that runs past it
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING) and the process exits."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for group in (None, *_groups):
+            dist.set_timeout(timedelta(minutes=minutes), group)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether a collective failed because a peer did not answer in time (gloo: "Timed out waiting ... for recv",
+    NCCL: "Watchdog caught collective operation timeout"), or because a peer's connection closed."""
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, dist.DistError)) and any(
+        s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
+
+
 def teardown() -> None:
+    _groups.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -104,6 +144,7 @@ def ghost_bn_group(ranks_per_group: int):
     if ranks_per_group <= 1 or not (dist.is_available() and dist.is_initialized()):
         return None
     group, _ = dist.new_subgroups(group_size=ranks_per_group)
+    _groups.append(group)
     return group
 
 
@@ -119,6 +160,8 @@ class StepFlags:
 
     def __init__(self, world_size: int):
         self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        if self.group is not None:
+            _groups.append(self.group)
 
     def exchange(self, stop: bool, checkpoint: bool) -> tuple[bool, bool]:
         """This step's (stop, checkpoint), agreed over the ranks: True if any rank raised it."""

@@ -41,6 +41,7 @@ from harness.core import configlib
 from harness.core.errors import ConfigError
 from harness.core.io import atomic_write_json, atomic_write_text
 from harness.core.keys import flatten
+from harness.core.lockfile import RunDirLock
 from harness.core.status import COMPLETED, DIVERGED
 from harness.recipe.optim import build_optimizer, momentum_of, param_groups, torch_lr
 from harness.recipe.schedule import Schedule
@@ -105,7 +106,14 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
         if on_result:
             on_result(todo[r], result)
 
-    Pack([cfgs[i] for i in todo], [Path(run_dirs[i]) for i in todo], env, started).train(stop, finished)
+    locks = [RunDirLock(Path(run_dirs[i])) for i in todo]  # one writer per run dir, as for `harness train`
+    try:
+        for lock in locks:
+            lock.acquire()
+        Pack([cfgs[i] for i in todo], [Path(run_dirs[i]) for i in todo], env, started).train(stop, finished)
+    finally:
+        for lock in locks:
+            lock.release()
     return results
 
 

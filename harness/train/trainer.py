@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 import models
 from data_pipelines import ReaderOptions, build_data
+from harness.core.errors import Interrupted, PeerLost, RunDirInUse
 from harness.core.io import atomic_write_json, atomic_write_text
+from harness.core.lockfile import RunDirLock
 from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
 from harness.recipe.batch_plan import BatchPlan, make_batch_plan
 from harness.recipe.budget import Durations
@@ -39,7 +41,7 @@ from harness.train.config import Config, durations_of, plan_of, to_yaml
 from harness.train.engine import DDPEngine, EngineBase
 from harness.train.metrics_log import MetricsLog
 from harness.train.record import Ledger, TrainState
-from harness.train.signals import StopRequest, requeue_slurm_job
+from harness.train.signals import StallWatch, StopRequest, requeue_slurm_job
 from models import ghost_bn
 
 # bf16 and tf32: fp32 weights (autocast, or TF32 products).
@@ -73,26 +75,30 @@ class Run:
 
 
 def train(cfg: Config, run_dir: str | Path) -> dict:
-    """Train (or resume, or skip if finished) one run; return its result record."""
+    """Train (or resume, or skip if finished) one run; return its result record. Ctrl-C: Interrupted (exit 130)
+    after the checkpoint; another writer on the run dir: RunDirInUse (exit 9), before anything is written."""
     started = time.time()
-    env = distributed.setup(cfg.device)
+    env = distributed.setup(cfg.device, cfg.distributed.startup_timeout_minutes)
+    lock = RunDirLock(Path(run_dir))
     try:
         done = record.finished_result(Path(run_dir), cfg)
         if done is not None:
             say(env, f"{run_dir} is already finished (status {done['status']}); nothing to do")
             return done
-        run = prepare(cfg, Path(run_dir), env, started)
+        run = prepare(cfg, Path(run_dir), env, started, lock)
         announce(run)
         log = MetricsLog(run.run_dir, env.is_main, cfg.log.tensorboard, resume_step=run.state.step)
-        status, diverged_at = loop(run, log)
-        result = finish(run, log, status, diverged_at)
-        log.close()
-        return result
+        try:
+            status, diverged_at = loop(run, log)
+            return finish(run, log, status, diverged_at)
+        finally:
+            log.close()
     finally:
+        lock.release()
         distributed.teardown()
 
 
-def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
+def prepare(cfg: Config, run_dir: Path, env, started: float, lock: RunDirLock) -> Run:
     """Everything that can be wrong with the config, layout or data fails here, before the run dir exists."""
     math_mode = numerics.configure(cfg.precision, cfg.speed.deterministic, env.device)
     dtype = DTYPES[cfg.precision]
@@ -101,8 +107,8 @@ def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
                       plan, cfg.seed, env.rank, env.device, dtype, ReaderOptions.of(cfg.data), cfg.model.task,
                       cfg.model.sequence_length())
     durations = durations_of(cfg, data.spec)
+    hold_run_dir(lock, env)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and at every layout
     model = models.build_model(cfg.model, data.spec).to(env.device, dtype)
@@ -125,6 +131,23 @@ def prepare(cfg: Config, run_dir: Path, env, started: float) -> Run:
     if env.is_main:
         atomic_write_json(run_dir / "env.json", {**provenance.environment(env, plan), "numerics": run.numerics})
     return run
+
+
+def hold_run_dir(lock: RunDirLock, env) -> None:
+    """Rank 0 takes the run dir's lock (creating the dir); every rank learns whether it did, so a second job's
+    ranks all stop here (RunDirInUse, exit 9) before any of them writes or trains. One lock per job, not per rank:
+    rank 0 writes everything a run dir holds (harness/train/record.py, checkpoint.py)."""
+    failure = None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - told to the other ranks first, then raised as it is
+            failure = e
+    refused = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if refused is not None:  # rank 0 raises the error itself (and the CLI prints it once)
+        raise RunDirInUse(refused)
 
 
 def noise_scale_plan(cfg: Config, plan: BatchPlan, env) -> BatchPlan:
@@ -201,13 +224,20 @@ def announce(run: Run) -> None:
 def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
     """The optimizer steps from the current one to the end, a stop request or divergence: (status, diverged_at)."""
     env, cfg, plan, durations, state = run.env, run.cfg, run.plan, run.durations, run.state
-    stop, flags = StopRequest(run.run_dir), distributed.StepFlags(env.world_size)
+    stop = StopRequest(run.run_dir, run.started, lambda text: say(env, text))
+    flags = distributed.StepFlags(env.world_size)
+    saved_at = [state.step]  # the step of the newest checkpoint (0: none yet)
+    watch = StallWatch(stop, env.rank, lambda: resumes_from(saved_at[0]), PeerLost.exit_code) \
+        if env.world_size > 1 else None
     ledger = None
     bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (env.is_main and cfg.log.progress),
                unit="step", dynamic_ncols=True)
     last_save = time.time()
+    first = state.step
     try:
         for step in range(state.step, durations.total_steps):
+            if watch is not None:
+                watch.begin(step)
             eff = run.schedule.at(step)
             lr = torch_lr(eff, run.momentum)
             want_log = (step + 1) % cfg.log.every_steps == 0 or step + 1 == durations.total_steps
@@ -223,6 +253,10 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
             # be collective, e.g. the language model's hidden state is gathered over ranks).
             stopping, minutes_due = flags.exchange(stop.requested(), env.is_main and cfg.checkpoint.every_minutes is not None
                                                    and time.time() - last_save >= 60 * cfg.checkpoint.every_minutes)
+            if watch is not None:
+                watch.end()
+            if step == first:  # start-up is over (compile, autotuning, first collectives): the steady-state timeout
+                distributed.set_timeout(cfg.distributed.timeout_minutes)
             final = state.step == durations.total_steps  # a stop requested at the end is just the end
             eval_due = bool(durations.eval_every) and state.step % durations.eval_every == 0 and not final
             ckpt_due = not final and (stopping or minutes_due or (bool(durations.checkpoint_every)
@@ -243,17 +277,39 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
             if eval_due:
                 log.write({"step": state.step, **evaluate(run.engine, run.objective, run.data)})
             if ckpt_due:
-                save_checkpoint(run)
-                last_save = time.time()
+                path = save_checkpoint(run)
+                last_save, saved_at[0] = time.time(), state.step
             if stopping and not final:
+                if stop.interrupted:
+                    raise Interrupted(f"interrupted at step {state.step}: checkpoint saved to {path}; rerun the same "
+                                      "command to resume")
                 say(env, f"stop requested ({stop.signal_name or 'another rank'}): checkpoint saved at step {state.step}")
                 if env.is_main and (note := requeue_slurm_job()):
                     say(env, note)
                 return INTERRUPTED, None
+    except Exception as e:
+        if env.world_size > 1 and distributed.is_timeout(e):
+            raise peer_lost(e, env.rank, state.step, saved_at[0], cfg.distributed.timeout_minutes) from None
+        raise
     finally:
+        if watch is not None:
+            watch.close()
         bar.close()
         stop.restore()
     return COMPLETED, None
+
+
+def peer_lost(error: Exception, rank: int, step: int, saved_at: int, timeout_minutes: float) -> PeerLost:
+    """A collective that timed out (distributed.timeout_minutes) or lost its peer, as one line."""
+    why = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return PeerLost(f"rank {rank}: a collective after step {step} waited for another rank and failed ({why}): a rank "
+                    f"froze, stopped or was lost; {resumes_from(saved_at)}; raise distributed.timeout_minutes (now "
+                    f"{timeout_minutes:g}) if a step or a checkpoint legitimately takes longer")
+
+
+def resumes_from(step: int) -> str:
+    what = f"from its checkpoint at step {step}" if step else "from the start (no checkpoint yet)"
+    return f"rerun the same command to resume {what}"
 
 
 def read_back(run: Run, stats: torch.Tensor, norms: dict, ledger: Ledger) -> tuple[dict, dict, int | None]:
@@ -297,11 +353,12 @@ def evaluate(engine, objective, data, split: str = "test") -> dict[str, float]:
     return {f"{split}_{k}": v for k, v in objective.summarize(distributed.all_reduce_sum(stats).cpu()).items()}
 
 
-def save_checkpoint(run: Run) -> None:
-    """Every rank calls this at the same step (the objective's state may be gathered over ranks); rank 0 writes."""
+def save_checkpoint(run: Run) -> Path | None:
+    """Every rank calls this at the same step (the objective's state may be gathered over ranks); rank 0 writes
+    (and gets the checkpoint's path; other ranks None)."""
     snapshot = asdict(run.state)
     snapshot["wall_seconds"] = run.state.wall_seconds + (time.time() - run.started)
-    run.checkpoints.save(run.state.step, {**run.engine.state_dict(), "rng": rng_state(), "state": snapshot,
+    return run.checkpoints.save(run.state.step, {**run.engine.state_dict(), "rng": rng_state(), "state": snapshot,
                                           "objective": run.objective.state_dict()})
 
 
