@@ -309,9 +309,12 @@ class CudaDouble:
         _device_arg(device, "torch.cuda.set_device")
         index = device if isinstance(device, int) else torch.device(device).index
         assert index is not None and 0 <= index < self.devices, f"set_device({device!r}) with {self.devices} GPUs"
+        self.current = index
+
+    current = 0
 
     def current_device(self) -> int:
-        return 0
+        return self.current
 
     def synchronize(self, device=None) -> None:
         _device_arg(device, "torch.cuda.synchronize")

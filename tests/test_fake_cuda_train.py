@@ -172,3 +172,31 @@ def test_language_model_dropout_keys_are_the_host_keys_made_on_the_device(ptb_sh
             lo, hi = batch.streams
             host = example_keys(3, np.full(hi - lo, step, dtype=np.int64), np.arange(lo, hi, dtype=np.int64))
             assert batch.keys.tolist() == host.view(np.int64).tolist()
+
+
+@pytest.mark.parametrize("extra", [
+    ["precision=bf16", "log.noise_scale=true", "optim.grad_clip_norm=5.0"],  # noise scale: B split in two micro-steps
+    ["precision=fp32", "batch.max_micro_batch_size=16", "schedule.warmup_steps=3"],  # accumulation over 4, warm-up
+    ["precision=fp32", "speed.fused_optimizer=false", "speed.channels_last=false"],  # foreach SGD, NCHW
+    ["precision=tf32", "speed.deterministic=true"],
+    ["precision=fp64", "eval.train_loss=true"],
+], ids=["bf16-noise-clip", "accumulation-warmup", "foreach-nchw", "tf32-deterministic", "fp64-train-loss"])
+def test_the_steady_state_step_on_fake_cuda(extra, monkeypatch, tmp_path, cifar_shards):
+    """The trainer's step with each of its options: still no host sync in a step, one copy per read-back, fused
+    SGD on one device with matching shapes (or foreach), channels_last off when asked."""
+    cfg = fake_config(cifar_shards, "cifar10", *FAMILIES["wrn-ghost-bn"][2], *extra)
+    try:
+        fc, result, _ = fake_train(monkeypatch, cfg, tmp_path / "run")
+    finally:
+        from harness.train import numerics
+
+        numerics.configure("fp32", False, torch.device("cpu"))  # the process's math mode back to the default
+    assert_gpu_path(fc, result, cfg)
+    fused = fc.kinds("fused_sgd", "step", "step[log]")
+    assert len(fused) == (0 if cfg.speed.fused_optimizer is False else STEPS), fc.describe(fused)
+    if cfg.speed.channels_last is False:
+        assert fc.convs and not any(input_cl for _, input_cl, _ in fc.convs)  # (a 1x1 weight is both layouts)
+    if cfg.log.noise_scale:
+        assert "b_simple" in result
+    if cfg.precision == "fp64":
+        assert {dtype for _, dtype in fc.ops} == {torch.float64}
