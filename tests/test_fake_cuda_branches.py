@@ -170,3 +170,66 @@ def test_benchmarks_time_cuda_work_to_its_end(monkeypatch):
     assert ghost > 0 and plain > 0
     assert len(fc.cuda.named("synchronize")) == 2 * 2 * 2 + 1  # before and after each timed fwd+bwd, and _sync
     assert "ghost_bn" in sys.modules
+
+
+def test_nvjpeg_failure_is_a_data_error(monkeypatch, imagenet_shards):
+    """A JPEG nvjpeg cannot decode: one line naming the fix (data.gpu_decode=false decodes in the workers)."""
+    import torchvision.io
+
+    from data_pipelines import ReaderOptions, build_data
+    from harness.core.errors import DataError
+    from harness.recipe.batch_plan import make_batch_plan
+
+    def decode_jpeg(inputs, mode=None, device="cpu", **kw):
+        raise RuntimeError("nvjpeg: bad Huffman table")  # what torchvision raises for a corrupt image
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    from dataclasses import replace
+
+    options = replace(ReaderOptions.of(), workers=0, image_size=32, eval_resize=36, gpu_decode=True)
+    with FakeCuda():
+        reader = build_data("imagenet", imagenet_shards, True, 16, make_batch_plan(16, 1, 16), 0, 0, CUDA0,
+                            torch.float32, options)
+        with pytest.raises(DataError, match="GPU JPEG decoding failed .*set data.gpu_decode=false"):
+            next(iter(reader.train_micro_batches(0)))
+
+
+def test_ddp_binds_each_rank_to_its_gpu(monkeypatch):
+    """At world size > 1 the engine wraps the model in DDP with device_ids=[the rank's GPU] (a double of DDP:
+    no process group here)."""
+    from harness.recipe.batch_plan import make_batch_plan
+    from harness.train import engine
+
+    made = []
+    monkeypatch.setattr(engine, "DDP", lambda model, **kw: made.append(kw) or model)
+    with FakeCuda():
+        model = torch.nn.Linear(4, 2, device="cuda")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine.DDPEngine(model, optimizer, make_batch_plan(8, 2, 4), torch.device("cuda", 1), "fp32", None)
+    assert made == [{"device_ids": [1], "broadcast_buffers": False, "gradient_as_bucket_view": True}]
+
+
+def test_sweep_worker_initializer_and_launcher_count_the_gpus(monkeypatch):
+    """A local sweep worker's initializer reads torch.cuda.device_count() for its LOCAL_RANK; the launcher counts
+    the node's GPUs the same way."""
+    import signal
+
+    from harness.sweep import local
+    from launch.core import local_gpu_count
+
+    class Queue(list):
+        put = list.append
+
+    counter, pids = multiprocessing.get_context("spawn").Value("i", 2), Queue()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    try:
+        with FakeCuda() as fc:
+            fc.cuda.devices = 2
+            local._init_worker(0, pids, counter)
+            assert local_gpu_count() == 2
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        local._WORKER_SIGNALS = None
+    assert os.environ["LOCAL_RANK"] == "0" and pids == [os.getpid()]  # worker 2 of a pool on 2 GPUs: cuda:0
