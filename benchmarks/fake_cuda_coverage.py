@@ -3,15 +3,16 @@
     python benchmarks/fake_cuda_coverage.py [--list] [--skip-run]
 
 1. Runs the tier (pytest -m fake_cuda) under coverage.py, over the project's packages.
-2. Finds the GPU-only lines by reading the source (ast), in harness/, models/, data_pipelines/, launch/ and
+2. Finds the GPU-path statements by reading the source (ast), in harness/, models/, data_pipelines/, launch/ and
    benchmarks/ (less gpu.py and gpu_check.py, which run on a real GPU (`make gpu-check`), and this script):
-     - the CUDA side of every `if` whose condition names CUDA (`device.type == "cuda"`, `torch.cuda.is_available()`,
-       `use_cuda`, ...) or GPU decoding (`gpu_decode`): the body, or the `else` of a negated test (`!= "cuda"`);
-     - every line that calls `torch.cuda.*` or picks a value with `... if <CUDA test> else ...`;
-     - the body of every function whose name says so (`_gpu_decode`).
-   A CPU run takes none of these bodies, so "executed by the tier" is "executed only because the device was cuda"
-   (the one-line `x if cuda else y` lines are executed on either device; they are counted where the tier runs them).
-3. Prints the fraction of those lines the tier executed, and with --list every line it did not, with its source.
+     - CUDA-only: the CUDA side of every `if` whose condition names CUDA (`device.type == "cuda"`,
+       `torch.cuda.is_available()`, `use_cuda`, ...) or GPU decoding (`gpu_decode`): its body, or the `else` of a
+       negated test (`!= "cuda"`); and the body of every function named so (`_gpu_decode`). A CPU run takes none.
+     - CUDA-dependent: every other simple statement that uses torch.cuda / torch.backends.cuda(nn), compares
+       with "cuda" (`x if device.type == "cuda" else y`, `backend="nccl" if ...`) or reads a `cuda`/`use_cuda`
+       flag (`pin_memory=cuda`), and those `if` lines themselves. A CPU run executes them too,
+       with the other value; the tier executes them with the CUDA one.
+3. Prints the share of those statements the tier executed, and with --list every one it did not, with its source.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def names_cuda(node: ast.AST) -> bool:
     return any(word in ast.unparse(node) for word in WORDS)
 
 
+def depends_on_cuda(stmt: ast.stmt) -> bool:
+    """A torch.cuda / torch.backends.cuda(nn) attribute, a comparison with "cuda", or a `cuda`/`use_cuda` flag
+    (not docstrings or config-key names that merely mention it)."""
+    for n in ast.walk(stmt):
+        if isinstance(n, ast.Attribute) and ast.unparse(n).startswith(("torch.cuda", "torch.backends.cud")):
+            return True
+        if isinstance(n, ast.Compare) and any(isinstance(c, ast.Constant) and c.value == "cuda"
+                                              for c in [n.left, *n.comparators]):
+            return True
+        if isinstance(n, ast.Name) and "cuda" in n.id:
+            return True
+    return False
+
+
 def negated(test: ast.AST) -> bool:
     """`not ...cuda...` or `... != "cuda"`: the CUDA side is the else branch."""
     if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
@@ -41,23 +56,27 @@ def negated(test: ast.AST) -> bool:
     return isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.NotEq)
 
 
-def span(stmts: list[ast.stmt]) -> set[int]:
-    return set(range(stmts[0].lineno, stmts[-1].end_lineno + 1)) if stmts else set()
-
-
-def gpu_lines(source: str) -> set[int]:
-    """The lines of `source` that run only on the GPU path (see the module docstring)."""
-    lines: set[int] = set()
+def gpu_lines(source: str) -> tuple[set[int], set[int]]:
+    """(CUDA-only, CUDA-dependent) statement lines of `source` (see the module docstring): the first line of each
+    statement, as coverage.py counts them."""
+    only: set[int] = set()
+    dependent: set[int] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.If) and names_cuda(node.test):
-            lines |= span(node.orelse if negated(node.test) else node.body)
-        elif isinstance(node, ast.IfExp) and names_cuda(node.test):
-            lines.add(node.lineno)
-        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.cuda."):
-            lines.add(node.lineno)
+            dependent.add(node.lineno)
+            only |= statements(node.orelse if negated(node.test) else node.body)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(w in node.name for w in WORDS):
-            lines |= span(node.body)
-    return lines
+            only |= statements(node.body)
+        elif isinstance(node, ast.stmt) and not isinstance(node, COMPOUND) and depends_on_cuda(node):
+            dependent.add(node.lineno)
+    return only, dependent - only
+
+
+COMPOUND = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def statements(body: list[ast.stmt]) -> set[int]:
+    return {n.lineno for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.stmt)}
 
 
 def sources() -> list[Path]:
@@ -83,21 +102,27 @@ def report(data_file: Path, listing: bool) -> float:
 
     cov = coverage.Coverage(data_file=str(data_file))
     cov.load()
-    total, missed = 0, []
+    counts = {"CUDA-only": [0, 0], "CUDA-dependent": [0, 0]}  # [lines, executed]
+    missed, all_statements, all_missing = [], 0, 0
     for path in sources():
         text = path.read_text()
-        want = gpu_lines(text)
-        if not want:
-            continue
-        _, statements, _, missing, _ = cov.analysis2(str(path))
+        _, statements_, _, missing, _ = cov.analysis2(str(path))
+        all_statements, all_missing = all_statements + len(statements_), all_missing + len(missing)
         lines = text.splitlines()
-        for n in sorted(want & set(statements)):
-            total += 1
-            if n in missing:
-                missed.append(f"{path.relative_to(ROOT)}:{n}: {lines[n - 1].strip()}")
-    reached = total - len(missed)
+        for kind, want in zip(counts, gpu_lines(text)):
+            for n in sorted(want & set(statements_)):
+                counts[kind][0] += 1
+                if n in missing:
+                    missed.append(f"{path.relative_to(ROOT)}:{n} ({kind}): {lines[n - 1].strip()}")
+                else:
+                    counts[kind][1] += 1
+    total = sum(c[0] for c in counts.values())
+    reached = sum(c[1] for c in counts.values())
     fraction = reached / total if total else 1.0
-    print(f"fake-CUDA tier: {reached} of {total} GPU-only lines executed ({100 * fraction:.1f}%)")
+    print(f"fake-CUDA tier: {reached} of {total} GPU-path lines executed ({100 * fraction:.1f}%): "
+          + "; ".join(f"{kind} {c[1]} of {c[0]}" for kind, c in counts.items()))
+    print(f"  (all {all_statements} statements of {', '.join(PACKAGES)}: "
+          f"{100 * (all_statements - all_missing) / max(all_statements, 1):.1f}% executed by the tier)")
     if listing:
         for line in missed:
             print(f"  not reached: {line}")

@@ -292,7 +292,7 @@ class CudaDouble:
         patch(torch.cuda, "is_available", is_available)
         for name in ("device_count", "set_device", "current_device", "synchronize", "get_rng_state", "set_rng_state",
                      "manual_seed_all", "manual_seed", "get_device_name", "max_memory_allocated",
-                     "reset_peak_memory_stats", "is_bf16_supported", "Event"):
+                     "reset_peak_memory_stats", "is_bf16_supported"):
             patch(torch.cuda, name, self._recorded(name, getattr(self, name)))
 
     def _recorded(self, name, fn):
@@ -347,29 +347,6 @@ class CudaDouble:
 
     def is_bf16_supported(self, including_emulation: bool = True) -> bool:
         return True
-
-    def Event(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):  # noqa: N802
-        assert isinstance(enable_timing, bool), enable_timing
-        return _Event(self, enable_timing)
-
-
-class _Event:
-    """torch.cuda.Event: record() on a stream, synchronize(), elapsed_time(end) in milliseconds (timing events only)."""
-
-    def __init__(self, cuda: CudaDouble, timing: bool):
-        self.cuda, self.timing, self.recorded = cuda, timing, False
-
-    def record(self, stream=None) -> None:
-        self.recorded = True
-        self.cuda.calls.append(("Event.record", (), {}, project_frames()))
-
-    def synchronize(self) -> None:
-        self.cuda.calls.append(("Event.synchronize", (), {}, project_frames()))
-
-    def elapsed_time(self, end: "_Event") -> float:
-        # The real one raises unless both events were created with enable_timing=True and recorded.
-        assert self.timing and end.timing and self.recorded and end.recorded, "elapsed_time needs timed, recorded events"
-        return 1.0
 
 
 def _module_to(self, *args, **kwargs):

@@ -158,6 +158,7 @@ def test_benchmarks_time_cuda_work_to_its_end(monkeypatch):
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import ghost_bn as ghost_bn_bench
+    import gpu as gpu_bench
     import overhead as overhead_bench
 
     threads = torch.get_num_threads()
@@ -165,11 +166,28 @@ def test_benchmarks_time_cuda_work_to_its_end(monkeypatch):
         with FakeCuda() as fc:
             ghost, plain = ghost_bn_bench.measure(threads, 64, 4, 4, repeats=2, warmup=1, device="cuda")
             overhead_bench._sync("cuda")
+            gpu_bench.reset_peak(CUDA0)
+            gpu_bench.sync(CUDA0)
+            assert gpu_bench.peak_memory(CUDA0) == 0.0
     finally:
         torch.set_num_threads(threads)
     assert ghost > 0 and plain > 0
-    assert len(fc.cuda.named("synchronize")) == 2 * 2 * 2 + 1  # before and after each timed fwd+bwd, and _sync
+    # Before and after each timed fwd+bwd (2 layers x 2 repeats), overhead's _sync, gpu.py's sync(device).
+    assert len(fc.cuda.named("synchronize")) == 2 * 2 * 2 + 1 + 1
+    assert [c[1] for c in fc.cuda.named("reset_peak_memory_stats") + fc.cuda.named("max_memory_allocated")] == \
+        [(CUDA0,), (CUDA0,)]
     assert "ghost_bn" in sys.modules
+
+
+def test_the_tier_catches_a_cpu_tensor_in_a_cuda_op():
+    """What makes "no device mismatch anywhere in the step" a checked claim: the fake raises where a GPU raises."""
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+    with FakeCuda():
+        x = torch.ones(3, device="cuda")
+        x + torch.ones(()) * 2  # a 0-dim CPU tensor is allowed (a scalar), as on a GPU
+        with pytest.raises(FakeTensorDeviceMismatchError):
+            x + torch.ones(3)
 
 
 def test_nvjpeg_failure_is_a_data_error(monkeypatch, imagenet_shards):
