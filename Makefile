@@ -29,7 +29,7 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-# The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 1.5 minutes.
+# The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 45 s.
 test-fake-cuda: venv
 	$(PY) -m pytest -m fake_cuda
 

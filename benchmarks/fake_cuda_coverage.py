@@ -119,7 +119,7 @@ def report(data_file: Path, listing: bool) -> float:
     total = sum(c[0] for c in counts.values())
     reached = sum(c[1] for c in counts.values())
     fraction = reached / total if total else 1.0
-    print(f"fake-CUDA tier: {reached} of {total} GPU-path lines executed ({100 * fraction:.1f}%): "
+    print(f"fake-CUDA tier: {reached} of {total} GPU-path statements executed ({100 * fraction:.1f}%): "
           + "; ".join(f"{kind} {c[1]} of {c[0]}" for kind, c in counts.items()))
     print(f"  (all {all_statements} statements of {', '.join(PACKAGES)}: "
           f"{100 * (all_statements - all_missing) / max(all_statements, 1):.1f}% executed by the tier)")
