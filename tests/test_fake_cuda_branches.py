@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from harness.train import checkpoint, distributed, numerics
 from tests.fake_cuda import FakeCuda
-from tests.test_fake_cuda_train import STEPS, assert_gpu_path, fake_config, fake_train
+from tests.test_fake_cuda_train import assert_gpu_path, fake_config, fake_train
 
 pytestmark = pytest.mark.fake_cuda
 CUDA0 = torch.device("cuda", 0)

@@ -5,12 +5,13 @@ What runs and what does not: as in tests/test_fake_cuda_train.py (the graph walk
 from __future__ import annotations
 
 import pytest
+import torch
 
 from harness.train import checkpoint as checkpoint_module
 from harness.train import packed
 from harness.train import record as record_module
 from tests.fake_cuda import FakeCuda
-from tests.test_fake_cuda_train import STEPS, Saved, fake_config
+from tests.test_fake_cuda_train import STEPS, Saved, fake_config, restore_math_mode
 
 pytestmark = pytest.mark.fake_cuda
 
@@ -38,8 +39,11 @@ def fake_pack(monkeypatch, cfgs, dirs):
         monkeypatch.setattr(packed.Pack, name, fc.phased(phase, getattr(packed.Pack, name)))
     monkeypatch.setattr(record_module, "atomic_save_torch", saved)
     monkeypatch.setattr(checkpoint_module, "atomic_save_torch", saved)
-    with fc:
-        results = packed.train_pack(cfgs, dirs)
+    try:
+        with fc:
+            results = packed.train_pack(cfgs, dirs)
+    finally:
+        restore_math_mode()
     return fc, results, saved
 
 
@@ -59,4 +63,4 @@ def test_every_packed_family_trains_on_fake_cuda(family, monkeypatch, tmp_path, 
     assert [r.kind for r in read_backs] == ["sync cuda->cpu copy"] * 4, fc.describe(read_backs)  # steps 2, 3, 4, 5
     assert not fc.kinds("non_blocking copy from unpinned memory"), fc.describe(fc.kinds("non_blocking"))
     checkpoints = [t for n, t in saved.files if n.startswith("step-")]
-    assert len(checkpoints) == 3 and all(t["rng.cuda"][:2] == ("cpu", __import__("torch").uint8) for t in checkpoints)
+    assert len(checkpoints) == 3 and all(t["rng.cuda"][:2] == ("cpu", torch.uint8) for t in checkpoints)

@@ -49,7 +49,8 @@ FAMILIES = {
     "wrn-skipinit-dropout": ("cifar_shards", "cifar10", ["model.name=wrn", "model.depth=10", "model.width=1",
                                                          "model.norm=skipinit", "model.dropout=0.3",
                                                          "batch.global_batch_size=32"]),
-    "resnet50-stream": ("imagenet_shards", "imagenet", ["model.name=resnet", "model.depth=50", "model.width=8", "model.ghost_batch_size=8", "data.image_size=32",
+    "resnet50-stream": ("imagenet_shards", "imagenet", ["model.name=resnet", "model.depth=50", "model.width=8",
+                                                        "model.ghost_batch_size=8", "data.image_size=32",
                                                         "data.eval_resize=36", "data.workers=0",
                                                         "batch.global_batch_size=16", "data.eval_batch_size=48"]),
     "lstm": ("ptb_shards", "ptb", ["model.name=lstm", "model.layers=2", "model.hidden=16", "model.unroll=5",
@@ -99,16 +100,31 @@ class Saved:
 def fake_train(monkeypatch, cfg, run_dir):
     """trainer.train(cfg, run_dir) under FakeCuda, each part of the loop in its phase: (fc, result, saved)."""
     fc, saved = FakeCuda(), Saved()
-    step_phase = lambda engine, objective, batches, plan, lr, want_norms: "step[log]" if want_norms else "step"  # noqa: E731
+
+    def step_phase(engine, objective, batches, plan, lr, want_norms):  # trainer.train_step's arguments
+        return "step[log]" if want_norms else "step"
+
     for name, phase in (("train_step", step_phase), ("read_back", "read_back"), ("evaluate", "eval"),
                         ("save_checkpoint", "checkpoint"), ("finish", "finish")):
         monkeypatch.setattr(trainer, name, fc.phased(phase, getattr(trainer, name)))
     monkeypatch.setattr(trainer, "loop", fc.phased("loop", trainer.loop))
     monkeypatch.setattr(record_module, "atomic_save_torch", saved)
     monkeypatch.setattr(checkpoint_module, "atomic_save_torch", saved)
-    with fc:
-        result = trainer.train(cfg, run_dir)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # speed.deterministic sets it: undone after
+    try:
+        with fc:
+            result = trainer.train(cfg, run_dir)
+    finally:
+        restore_math_mode()
     return fc, result, saved
+
+
+def restore_math_mode() -> None:
+    """A run on cuda turns cuDNN autotuning on (and speed.deterministic the deterministic algorithms): the
+    process-wide defaults of the CPU tests, back."""
+    from harness.train import numerics
+
+    numerics.configure("fp32", False, torch.device("cpu"))
 
 
 def assert_gpu_path(fc, result, cfg):
@@ -186,12 +202,7 @@ def test_the_steady_state_step_on_fake_cuda(extra, monkeypatch, tmp_path, cifar_
     """The trainer's step with each of its options: still no host sync in a step, one copy per read-back, fused
     SGD on one device with matching shapes (or foreach), channels_last off when asked."""
     cfg = fake_config(cifar_shards, "cifar10", *FAMILIES["wrn-ghost-bn"][2], *extra)
-    try:
-        fc, result, _ = fake_train(monkeypatch, cfg, tmp_path / "run")
-    finally:
-        from harness.train import numerics
-
-        numerics.configure("fp32", False, torch.device("cpu"))  # the process's math mode back to the default
+    fc, result, _ = fake_train(monkeypatch, cfg, tmp_path / "run")
     assert_gpu_path(fc, result, cfg)
     fused = fc.kinds("fused_sgd", "step", "step[log]")
     assert len(fused) == (0 if cfg.speed.fused_optimizer is False else STEPS), fc.describe(fused)
