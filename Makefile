@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # DeepSpeed compiles a CPU op on first use (about 30 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo demo-ghost-bn test test-fast gpu-check venv clean
+.PHONY: demo demo-ghost-bn test test-fast test-fake-cuda fake-cuda-coverage gpu-check venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
@@ -28,6 +28,14 @@ test: venv
 # Without the tests marked slow (launchers, SLURM, long runs): about 5 minutes instead of about 30.
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
+
+# The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 45 s.
+test-fake-cuda: venv
+	$(PY) -m pytest -m fake_cuda
+
+# The share of the GPU-only lines that the fake-CUDA tier executes, and (--list) the lines it cannot reach.
+fake-cuda-coverage: venv
+	$(PY) benchmarks/fake_cuda_coverage.py --list
 
 # On a GPU node: the gpu-marked tests, a torchrun training (nccl, bf16), STOP + resume, host syncs, benchmarks/gpu.py.
 gpu-check: venv

@@ -23,10 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from data_pipelines.order import example_keys
+from data_pipelines.order import device_example_keys
 from data_pipelines.spec import DataSpec
 from data_pipelines.tokens import load_tokens
 from harness.core.errors import PlanError
@@ -70,10 +69,13 @@ class TokenStreams:
         out = []
         for a in range(self.plan.accumulation_steps):
             lo, hi = self.plan.micro_slice(a, self.rank)
-            keys = example_keys(self.seed, np.full(hi - lo, step, dtype=np.int64), np.arange(lo, hi, dtype=np.int64))
+            # The keys are made on the device (bit for bit order.example_keys): a host array copied there would be
+            # a blocking host-to-device copy, a wait for the GPU, every step (found by tests/test_fake_cuda_train.py).
+            streams = torch.arange(lo, hi, dtype=torch.int64, device=self.device)
+            keys = device_example_keys(self.seed, torch.full_like(streams, step), streams)
             out.append(StreamBatch(
                 self.streams[lo:hi, t0 : t0 + t], self.streams[lo:hi, t0 + 1 : t0 + t + 1],
-                torch.from_numpy(keys.view(np.int64)).to(self.device), (lo, hi), self.plan.global_batch_size, j == 0,
+                keys, (lo, hi), self.plan.global_batch_size, j == 0,
             ))
         return out
 

@@ -118,8 +118,11 @@ def train_pack(cfgs: list[Config], run_dirs: list[Path], stop: Optional[Callable
 
 
 def _per_run(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """A (R, 1, 1, ...) tensor broadcasting against a stacked parameter."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+    """A (R, 1, 1, ...) tensor broadcasting against a stacked parameter, written on the device (torch.full per
+    value, as objectives._stats does): torch.tensor(values, device=cuda) is a blocking host-to-device copy, which
+    waits for the GPU, and the learning rates change every warm-up step (found by tests/test_fake_cuda_packed.py)."""
+    column = [torch.full((1,), float(v), dtype=like.dtype, device=like.device) for v in values]
+    return torch.cat(column).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -180,7 +183,8 @@ class Pack:
         self.logs = self._start_run_dirs()
         self.streams = _Streams(self.data, [c.seed for c in cfgs], self.plan.global_batch_size, self.durations.total_steps)
         dev = env.device
-        self.alive = torch.ones(len(cfgs), dtype=torch.bool, device=dev)
+        self.alive = torch.ones(len(cfgs), dtype=torch.bool, device=dev)  # for the batched arithmetic
+        self.live = [True] * len(cfgs)  # the same on the host, where read_back retires runs
         self.ledger = Ledger(self.durations.final_window_start, cfg0.divergence.max_loss,
                              torch.zeros(len(cfgs), dtype=torch.float64, device=dev))
         self.ledger.tail_sum = torch.tensor([s.tail_loss_sum for s in self.states], dtype=torch.float64, device=dev)
@@ -269,9 +273,8 @@ class Pack:
             ck_due = step + 1 < S and ((bool(ck_every) and (step + 1) % ck_every == 0) or (
                 cfg0.checkpoint.every_minutes is not None and time.time() - last_save >= 60 * cfg0.checkpoint.every_minutes))
             if want_log or eval_due or ck_due:
-                self.read_back(step + 1, stats, norms, want_log, finished)
-                if not self.alive.any():
-                    return
+                if not self.read_back(step + 1, stats, norms, want_log, finished):
+                    return  # every run diverged
             self.train_seconds += time.perf_counter() - t0
             if eval_due:
                 for r, ev in self.evaluate().items():
@@ -292,8 +295,8 @@ class Pack:
         if not self.effs or any(s.changes_at(step) for s in self.schedules):
             self.effs = [s.at(step) for s in self.schedules]
             lrs = [torch_lr(e, m) for e, m in zip(self.effs, self.moms)]
-            self.neg_lr = {n: -_per_run(lrs, p) * self.alive.view(-1, *([1] * (p.dim() - 1)))
-                           for n, p in self.net.params.items()}
+            neg_lr = -_per_run(lrs, next(iter(self.net.params.values()))).flatten() * self.alive  # once, not per tensor
+            self.neg_lr = {n: neg_lr.view(-1, *([1] * (p.dim() - 1))) for n, p in self.net.params.items()}
         b = self.plan.global_batch_size
         batch = self.streams.step(step)
         stats = None
@@ -323,14 +326,14 @@ class Pack:
             norms["update_norm"] = _norms([p - before[n] for n, p in params.items()])
         return norms
 
-    def read_back(self, steps: int, stats: torch.Tensor, norms: dict, want_log: bool, finished) -> None:
-        """One copy to the host: retire the runs that diverged, write the live runs' metrics records."""
-        flat = torch.cat([self.ledger.snapshot().T, stats.double(), *(v[:, None] for v in norms.values())], 1).tolist()
-        alive = self.alive.tolist()
-        for r, row in enumerate(flat):
+    def read_back(self, steps: int, stats: torch.Tensor, norms: dict, want_log: bool, finished) -> bool:
+        """One copy to the host: retire the runs that diverged, write the live runs' metrics records. Returns
+        whether any run is still alive (known on the host: reading `alive` back would be another wait for the GPU)."""
+        flat = torch.cat([self.ledger.snapshot().T, stats.double(), *(v[:, None] for v in norms.values())], 1)
+        for r, row in enumerate(flat.cpu().tolist()):
             first, tail_sum, tail_steps = Ledger.unpack(*row[:3])
             self.states[r].tail_loss_sum, self.states[r].tail_steps = tail_sum, tail_steps
-            if not alive[r]:
+            if not self.live[r]:
                 continue
             if first is not None:
                 self.retire(r)
@@ -341,11 +344,16 @@ class Pack:
                 self.logs[r].write(record.progress_record(steps, self.durations, train_stats, torch_lr(eff, self.moms[r]),
                                                           eff, self.plan.global_batch_size, self.rate(steps),
                                                           dict(zip(norms, row[3 + stats.shape[1]:]))))
+        return any(self.live)
+
+    def live_runs(self) -> list[int]:
+        return [r for r, live in enumerate(self.live) if live]
 
     @torch.no_grad()
     def retire(self, r: int) -> None:
         """Keep a diverged run's NaNs out of the batched arithmetic: its slice is zeroed and its rate set to 0."""
         self.alive[r] = False
+        self.live[r] = False
         for n, p in self.net.params.items():
             p[r] = 0.0
             self.bufs[n][r] = 0.0
@@ -365,11 +373,11 @@ class Pack:
         self.net.train(True)
         rows = total.tolist()
         return {r: {f"{split}_{k}": v for k, v in self.objective.summarize(torch.tensor(rows[r], dtype=torch.float64)).items()}
-                for r in self.alive.nonzero().flatten().tolist()}
+                for r in self.live_runs()}
 
     def save_checkpoints(self, step: int) -> None:
         """Each live run's checkpoint in the trainer's format, at the same step."""
-        for r in self.alive.nonzero().flatten().tolist():
+        for r in self.live_runs():
             cfg, state = self.cfgs[r], self.states[r]
             state.step, state.train_seconds = step, self.train_seconds
             snapshot = {**asdict(state), "wall_seconds": state.wall_seconds + time.time() - self.started}
