@@ -244,7 +244,10 @@ def test_sweep_worker_initializer_and_launcher_count_the_gpus(monkeypatch):
     try:
         with FakeCuda() as fc:
             fc.cuda.devices = 2
-            local._init_worker(0, pids, counter)
+            # The parent-death watch would arm itself on pytest's own process (tests/test_faults_process.py tests it
+            # in real workers); here only the device assignment is under test.
+            monkeypatch.setattr(local, "die_with_parent", lambda parent: None)
+            local._init_worker(0, pids, counter, os.getppid())
             assert local_gpu_count() == 2
     finally:
         for s, handler in saved.items():

@@ -8,6 +8,8 @@ epoch ((128 // 8 - 1) // 5), so the 7 steps cross two epoch boundaries (state re
 """
 
 import json
+import os
+import time
 
 import pytest
 
@@ -54,6 +56,10 @@ def test_lstm_trajectory_and_resume_at_any_layout(lstm_config, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "STOP").touch()
+    # Dated ahead: a STOP file older than the run is a stale one and ignored (harness/train/signals.py); this one
+    # counts as written during the run, so the run stops at its first step boundary.
+    ahead = time.time() + 3600
+    os.utime(resumed / "STOP", (ahead, ahead))
     run(lstm_config, resumed, 2, 4)
     assert not (resumed / "result.json").exists() and (resumed / "checkpoints" / "step-00000001.pt").exists()
     run(lstm_config, resumed, 1, 4)
