@@ -63,7 +63,8 @@ def run(command: str, cwd: Path, check: bool = True) -> str:
     elif argv[:3] == ["python", "-m", "launch"]:
         argv = [sys.executable, *argv[1:]]
     proc = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True)
-    out = strip_progress(proc.stdout + proc.stderr)
+    # Machine-specific paths would differ on every machine: shown as a user's shell would name them.
+    out = strip_progress(proc.stdout + proc.stderr).replace(str(cwd), "$PWD").replace(sys.executable, "python")
     if check and proc.returncode != 0:
         raise SystemExit(f"docs/generate.py: `{command}` exited {proc.returncode}:\n{out}")
     return out
