@@ -5,15 +5,23 @@ PY := $(VENV)/bin/python
 # DeepSpeed compiles a CPU op on first use (about 30 s); keep the build between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo demo-ghost-bn test test-fast test-fake-cuda fake-cuda-coverage gpu-check venv clean
+# Reinstall only when what pip installs changes: the stamp is named after a hash of pyproject.toml's build
+# requirements, Python version, dependencies, extras and entry points. A file-date rule would reinstall after every
+# fresh clone or checkout (git gives pyproject.toml a new date); the code itself is installed editable.
+DEPS_HASH := $(shell sed -n -e '/^requires\(-python\)\? = /p' -e '/^dependencies = \[/,/^\]/p' \
+	-e '/^\[project\.\(optional-dependencies\|scripts\)\]/,/^$$/p' pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: demo demo-ghost-bn test test-fast test-fake-cuda fake-cuda-coverage gpu-check docs-figures venv clean
+
+$(STAMP):
 	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(STAMP)
 
 demo: venv
 	$(PY) -m harness demo
@@ -40,6 +48,10 @@ fake-cuda-coverage: venv
 # On a GPU node: the gpu-marked tests, a torchrun training (nccl, bf16), STOP + resume, host syncs, benchmarks/gpu.py.
 gpu-check: venv
 	$(PY) benchmarks/gpu_check.py
+
+# Rerun every command the docs quote and rewrite those blocks (and the figures in docs/) in place: about 10 minutes.
+docs-figures: venv
+	$(PY) docs/generate.py
 
 clean:
 	rm -rf runs .pytest_cache
