@@ -11,7 +11,7 @@ that publishes a checkpoint publishes them with it: whenever a SIGKILL lands, a 
 checkpoint with its own checksums, never one with a missing or stale checksum (a sidecar file would need a second
 rename, and a window between the two). torch.load does not check them, so `read` first reads every record through
 zipfile, which does (zlib's CRC-32, about 4 GB/s here: 22 ms for a 100 MB checkpoint whose save takes 54 ms;
-docs/faults_ckpt.md). Checkpoints of earlier harness versions carry the same checksums and are verified alike.
+docs/faults.md). Checkpoints of earlier harness versions carry the same checksums and are verified alike.
 
 A checkpoint that cannot be read, fails its checksum or does not fit the live run (keys, shapes, dtypes,
 progress fields) is skipped with a one-line warning and the previous one is tried; when none is usable the run
