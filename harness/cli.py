@@ -37,11 +37,23 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, cfg)
+    set_threads()
     result = train(cfg, run_dir)
     if result["status"] == COMPLETED and int(os.environ.get("RANK", "0")) == 0:
         tb = run_dir / "tb"
         print(f"TensorBoard logs: {tb}  (view: tensorboard --logdir {tb.parent} --port 6006, then open http://localhost:6006)")
     return 0
+
+
+def set_threads() -> None:
+    """The intra-op threads of this rank, by the sweep workers' rule (harness/core/threads.py), shared by the
+    ranks on this node (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from the deepspeed launcher); said once."""
+    from harness.core.threads import apply, choose_threads
+
+    choice = choose_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+    apply(choice)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"harness: threads {choice.describe()}", flush=True)
 
 
 def cmd_plan(args) -> int:

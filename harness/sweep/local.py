@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 from harness.core.errors import SweepError, SweepStopped
 from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
+from harness.core.threads import choose_threads
 from harness.sweep.locks import describe
 from harness.sweep.state import prepare, status
 from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
@@ -71,10 +72,11 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
     import torch
 
     run = LocalRun([])
-    cores = os.cpu_count() or 1
-    # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (torch reads it itself).
+    # Threads per worker: the free cores shared out, unless OMP_NUM_THREADS says otherwise (harness/core/threads.py).
     workers = max(1, min(max_parallel, len(tasks)))
-    threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // workers)
+    choice = choose_threads(workers)
+    print(f"sweep: {choice.describe()}", flush=True)
+    threads = choice.threads or 0
 
     def collect(outcomes: list[Outcome]) -> None:
         for o in outcomes:
