@@ -15,20 +15,46 @@ import os
 import sys
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import ConfigError, HarnessError
 from harness.core.status import COMPLETED
 
 
+class _SetAction(argparse.Action):
+    """`--set KEY=VALUE ...`. Its nargs='+' also takes a config file that follows it (`--set k=v CONFIG`), which
+    argparse cannot hand back to the positional: keep it aside as the config (config_of) instead of losing it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *(v for v in values if "=" in v)])
+        for v in values:
+            if "=" in v:
+                continue
+            if getattr(namespace, "config_after_set", None):
+                raise argparse.ArgumentError(self, f"{v!r} is not KEY=VALUE (and the config file is "
+                                                   f"{namespace.config_after_set}); write overrides as KEY=VALUE")
+            namespace.config_after_set = v
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see yaml/)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file (see yaml/); before or after --set")
+    p.add_argument("--set", dest="overrides", action=_SetAction, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
+
+
+def config_of(args) -> str:
+    """The config file, given before --set (the positional) or after it (_SetAction)."""
+    after = getattr(args, "config_after_set", None)
+    if args.config and after:
+        raise ConfigError(f"two config files, {args.config} and {after}; give one (overrides are KEY=VALUE)")
+    if not (args.config or after):
+        raise ConfigError(f"no config file given; usage: harness {args.command} CONFIG [--set KEY=VALUE ...] "
+                          "(see yaml/ for examples)")
+    return args.config or after
 
 
 def _load(args):
     from harness.train.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(config_of(args), args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -36,7 +62,7 @@ def cmd_train(args) -> int:
     from harness.train.trainer import train
 
     cfg = _load(args)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config_of(args), cfg)
     set_threads()
     result = train(cfg, run_dir)
     if result["status"] == COMPLETED and int(os.environ.get("RANK", "0")) == 0:

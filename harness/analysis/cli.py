@@ -36,16 +36,27 @@ def warn(line: str) -> None:
     print(f"harness: warning: {line}", file=sys.stderr, flush=True)
 
 
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def cmd_analyze(args) -> int:
     from harness.analysis import tables
     from harness.analysis.curves import parse_rates
     from harness.analysis.select import TRAIN_LOSS_LABELS, analyze
 
     sweep_dir = Path(args.sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise SweepError(f"{sweep_dir} is a file, not a sweep directory; pass the directory that holds the run "
+                         "directories (e.g. runs/<spec name>)")
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep directory {sweep_dir} does not exist; run `harness sweep SPEC` first")
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise SweepError(f"--export {args.export[0]!r}: unknown format; expected one of {', '.join(EXPORT_FORMATS)}")
+    if args.reference:  # before the analysis prints anything
+        from harness.analysis.reference import reference_table
+
+        reference_table(args.reference)
     rates = parse_rates(args.curves_lr) if args.curves_lr else None
     a = analyze(sweep_dir, args.k, args.n, args.train_loss, echo=warn)
     out = Path(args.out) if args.out else sweep_dir / "analysis"
@@ -64,7 +75,7 @@ def cmd_analyze(args) -> int:
 
         counts = export(a, sweep_dir, Path(args.export[1]), echo=warn)
         print(f"exported {len(a.records)} trials ({counts['COMPLETE']} COMPLETE, {counts['INFEASIBLE']} INFEASIBLE, "
-              f"{counts['INCOMPLETE']} INCOMPLETE) in {counts['studies']} studies to {args.export[1]} (batch-science)")
+              f"{counts['INCOMPLETE']} INCOMPLETE) in {plural(counts['studies'], 'study', 'studies')} to {args.export[1]} (batch-science)")
     if not args.no_figures:
         from harness.analysis.figures import write_figures
 
