@@ -313,7 +313,7 @@ def convert(kind: str, src: str, dest: Path, shard_size: int | None = None, shar
     dest = Path(dest)
     if kind in ("digits", "mnist1d") and src != "-":  # embedded (scikit-learn's digits) or generated: no source
         how = "embedded in scikit-learn" if kind == "digits" else "generated"
-        raise DataError(f"{kind} is {how}, not read from a file: pass '-' as SRC (got {src!r}), "
+        raise DataError(f"{kind} is {how}, not read: pass '-' as SRC (got {src!r}), "
                         f"as in `harness data convert {kind} - DIR`")
     if kind == "digits":
         return convert_digits(dest, shard_size or DEFAULT_SHARD_SIZE["digits"])

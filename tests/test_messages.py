@@ -89,7 +89,7 @@ def test_plan_on_another_datasets_shards_says_whose_they_are(digits_shards):
 
 
 def test_convert_digits_refuses_a_source_it_would_ignore(tmp_path):
-    with pytest.raises(DataError, match=r"digits is embedded in scikit-learn, not read from a file: pass '-' as SRC"):
+    with pytest.raises(DataError, match=r"digits is embedded in scikit-learn, not read: pass '-' as SRC"):
         convert("digits", str(tmp_path / "digits.tar"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
