@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Large-batch SGD scaling harness (Smith, Elsen & De 2020).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_local_rank_arg(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The metavar names the commands a user types; `sweep-task` (run by slurm/sweep_array.sh) stays out of it.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands (harness COMMAND --help for each)")
 
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)

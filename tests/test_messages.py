@@ -124,3 +124,29 @@ def test_export_of_several_studies_is_plural(tmp_path, capsys):
     code, out, _ = run(capsys, "analyze", study_sweep(tmp_path / "sweep"), "--no-figures", "--export", "batch-science",
                        tmp_path / "export")
     assert code == 0 and "in 4 studies to" in out
+
+
+def _parsers(parser, name="harness"):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                if sub_name != "sweep-task":  # internal: run by slurm/sweep_array.sh
+                    yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_and_argument_has_help_and_sweep_task_is_hidden(capsys):
+    import argparse
+
+    from harness.cli import build_parser
+    from launch.cli import build_parser as build_launch_parser
+
+    parsers = [*_parsers(build_parser()), ("python -m launch", build_launch_parser())]
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in parsers for a in p._actions
+               if not isinstance(a, argparse._SubParsersAction)  # the command list: each command has its help
+               and (a.help is None or (a.help != argparse.SUPPRESS and len(a.help) < 10))]
+    assert not missing, missing
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "SUPPRESS" not in out and "sweep-task" not in out and "train" in out

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, help="best k runs per cell (default: the spec's select.k, else 12)")
     p.add_argument("--n", type=int, help="runs expected per cell (default: the spec's select.n, else 15)")
     p.add_argument("--out", help="output directory (default SWEEP_DIR/analysis)")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only (no PNG/SVG figures; faster, no matplotlib)")
     p.add_argument("--train-loss", choices=("window", "train_set"), default="window",
                    help="the final training loss: window = mean train-mode minibatch loss over the last S/20 steps "
                         "(result.json train_loss, default); train_set = the full training set in eval mode at the "
