@@ -18,6 +18,7 @@ or a checkpoint); the flags that every rank must agree on travel on the host (di
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -198,8 +199,10 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
     env, cfg, plan, durations, state = run.env, run.cfg, run.plan, run.durations, run.state
     stop, flags = StopRequest(run.run_dir), distributed.StepFlags(env.world_size)
     ledger = None
-    bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (env.is_main and cfg.log.progress),
+    shown = env.is_main and cfg.log.progress
+    bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (shown and on_terminal()),
                unit="step", dynamic_ncols=True)
+    lines = ProgressLines(durations.total_steps, state.step, enabled=shown and not on_terminal())
     last_save = time.time()
     try:
         for step in range(state.step, durations.total_steps):
@@ -234,6 +237,7 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
                 rate = examples_per_second(run)
                 log.write(record.progress_record(state.step, durations, train_stats, lr, eff, plan.global_batch_size, rate, norms))
                 bar.set_postfix(loss=f"{train_stats['loss']:.4f}", lr=f"{lr:.3g}", ex_s=f"{rate:.0f}", refresh=False)
+                lines.at(state.step, f"loss {train_stats['loss']:.4f}, lr {lr:.3g}, {rate:.0f} examples/s")
             bar.update(1)
             if eval_due:
                 log.write({"step": state.step, **evaluate(run.engine, run.objective, run.data)})
@@ -249,6 +253,27 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
         bar.close()
         stop.restore()
     return COMPLETED, None
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class ProgressLines:
+    """The progress bar's stand-in off a terminal (a SLURM .out file, a pipe), where tqdm's carriage-return
+    frames pile up: one plain line at each tenth of the run, or after `seconds` without one, at a log step."""
+
+    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 300.0):
+        self.total, self.enabled, self.seconds = total, enabled, seconds
+        self.tenth = start * 10 // max(total, 1)
+        self.last = time.time()
+
+    def at(self, step: int, text: str) -> None:
+        tenth = step * 10 // max(self.total, 1)
+        if not self.enabled or (tenth == self.tenth and time.time() - self.last < self.seconds):
+            return
+        self.tenth, self.last = tenth, time.time()
+        print(f"harness: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%): {text}", flush=True)
 
 
 def read_back(run: Run, stats: torch.Tensor, norms: dict, ledger: Ledger) -> tuple[dict, dict, int | None]:
