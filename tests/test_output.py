@@ -67,3 +67,17 @@ def test_train_sets_and_prints_its_threads(monkeypatch, capsys):
     finally:
         torch.set_num_threads(before)
     assert capsys.readouterr().out.startswith("harness: threads 1 intra-op thread per process (")
+
+
+def test_deepspeed_op_build_is_announced_only_when_not_cached(tmp_path, monkeypatch, capsys):
+    from harness.train.deepspeed_engine import announce_op_build, uncached_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    so = uncached_op()
+    assert so == tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"  # the CPU accelerator's op
+    announce_op_build(True)
+    assert capsys.readouterr().out.startswith("harness: deepspeed: building its deepspeed_shm_comm op once")
+    so.parent.mkdir()
+    so.write_bytes(b"built")
+    announce_op_build(True)
+    assert uncached_op() is None and capsys.readouterr().out == ""
