@@ -79,7 +79,9 @@ def cmd_analyze(args) -> int:
     if not args.no_figures:
         from harness.analysis.figures import write_figures
 
-        written += write_figures(a, out, title=sweep_dir.name, curves_lr=rates)
+        from harness.analysis.runs import title_of
+
+        written += write_figures(a, out, title=title_of(sweep_dir), curves_lr=rates)
         if rates and not any(p.stem == "curves" for p in written):
             print("no curves.png: the runs of those rates have no evaluations during training (eval.every_epochs)")
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
