@@ -38,7 +38,7 @@ def _label(a: Analysis, group: tuple, skip: tuple) -> str:
     for key, value in zip(a.group_keys, group):
         if key in skip:
             continue
-        parts.append(str(value) if key == "optim.name" else f"{column_name(key)}={value}")
+        parts.append(str(value) if key == "optim.name" else panel_title(key, value))
     return ", ".join(parts)
 
 
@@ -285,7 +285,7 @@ def curves_figure(a: Analysis, out: Path, title: str = "", rates=None) -> list[P
         ax.set_xlabel(x)
         ax.set_ylabel(f"{metric_label(a.metric)} during training")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)  # below the axes, off the data
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below the axes, off the data
     return _save(fig, out, "curves", title)
 
 
