@@ -43,7 +43,8 @@ def load_average() -> float:
 def choose_threads(processes: int, cores: Optional[int] = None, load: Optional[float] = None) -> ThreadChoice:
     """The intra-op threads of each of `processes` processes about to start on this node."""
     if os.environ.get("OMP_NUM_THREADS"):
-        return ThreadChoice(None, f"{os.environ['OMP_NUM_THREADS']} intra-op threads per process (OMP_NUM_THREADS)")
+        n = os.environ["OMP_NUM_THREADS"]
+        return ThreadChoice(None, f"{n} intra-op thread{'' if n == '1' else 's'} per process (OMP_NUM_THREADS)")
     cores = usable_cores() if cores is None else cores
     load = load_average() if load is None else load
     free = max(1, min(cores, cores - int(load)))  # int(): a load of 0.3 is an idle node
