@@ -26,6 +26,8 @@ the trainer says so and measures nothing.)
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -137,6 +139,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
+    atexit.register(shutil.rmtree, work, True)  # the shards and run dirs (about 25 MB), also when a run fails
     shards = work / "cifar10"
     synth("cifar10", shards, train=4096, test=256)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "

@@ -53,7 +53,7 @@ def describe(name: str, path: str | None) -> tuple[DataSpec, str]:
 
     try:
         return spec_from_manifest(read_manifest(path, name)), f"manifest {path}"
-    except DataError:
+    except DataError as e:  # say why the shards were not read: missing, or another dataset's
         if name not in KNOWN:
             raise
-        return KNOWN[name], f"standard {name} sizes; shards not found at {path}"
+        return KNOWN[name], f"standard {name} sizes; {e}"

@@ -75,12 +75,12 @@ def _positive_int(text: str) -> int:
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="make dataset shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write small synthetic shards in a dataset's exact format (for tests)")
-    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb", "imagenet", "nqm"])
-    p.add_argument("dest")
+    p.add_argument("kind", choices=["cifar10", "cifar100", "mnist", "ptb", "imagenet", "nqm"], help="the dataset format to imitate")
+    p.add_argument("dest", help="output directory (shards + manifest.json)")
     p.add_argument("--train", type=int, default=None,
                    help="training examples, or tokens for ptb (default 512; nqm: 16384)")
     p.add_argument("--test", type=int, default=256, help="test (imagenet: val) examples, or tokens for ptb (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic examples (default 0)")
     q = p.add_argument_group("nqm (the noisy quadratic model, data_pipelines/nqm.py)")
     q.add_argument("--dim", type=_positive_int, default=32, help="dimensions d (default 32)")
     q.add_argument("--lambda-max", type=float, default=1.0, help="largest curvature h_1 (default 1)")
@@ -93,7 +93,7 @@ def add_parsers(sub) -> None:
         description="Convert a standard distribution to webdataset shards + manifest.json. Re-running the same "
                     "command keeps complete, verified shards. SRC per KIND: "
                     + "; ".join(f"{k}: {v}" for k, v in SOURCES.items()))
-    p.add_argument("kind", choices=list(SOURCES))
+    p.add_argument("kind", choices=list(SOURCES), help="the dataset (its SRC: see above)")
     p.add_argument("src", help="the source file or folder (see above; digits, mnist1d: '-')")
     p.add_argument("dest", help="output directory")
     p.add_argument("--shard-size", type=_positive_int, default=None,
@@ -106,5 +106,5 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_data_convert)
 
     p = data.add_parser("verify", help="check every shard of a shard directory against its sha256")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a shard directory (with manifest.json)")
     p.set_defaults(func=cmd_data_verify)

@@ -311,12 +311,13 @@ def convert(kind: str, src: str, dest: Path, shard_size: int | None = None, shar
     if shard_bytes is not None and kind != "imagenet":
         raise DataError(f"--shard-bytes applies to imagenet (JPEGs of varying size); for {kind} use --shard-size")
     dest = Path(dest)
+    if kind in ("digits", "mnist1d") and src != "-":  # embedded (scikit-learn's digits) or generated: no source
+        how = "embedded in scikit-learn" if kind == "digits" else "generated"
+        raise DataError(f"{kind} is {how}, not read: pass '-' as SRC (got {src!r}), "
+                        f"as in `harness data convert {kind} - DIR`")
     if kind == "digits":
         return convert_digits(dest, shard_size or DEFAULT_SHARD_SIZE["digits"])
     if kind == "mnist1d":
-        if src != "-":
-            raise DataError(f"mnist1d is generated, not read: pass '-' as SRC (got {src!r}), "
-                            "as in `harness data convert mnist1d - DIR`")
         return convert_mnist1d(dest, shard_size or DEFAULT_SHARD_SIZE["mnist1d"])
     path = Path(src)
     if not path.exists():

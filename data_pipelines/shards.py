@@ -125,7 +125,8 @@ def read_manifest(path: str | Path, kind: str | None = None) -> dict:
     root = Path(path)
     hint = convert_hint(kind or "KIND")
     if not root.exists():
-        raise DataError(f"data path {root} does not exist; {hint}")
+        where = "" if root.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        raise DataError(f"data path {root}{where} does not exist; {hint}, or give an absolute data.path")
     file = root / MANIFEST
     if not file.is_file():
         raise DataError(f"data path {root} has no {MANIFEST}, so it is not a shard directory; {hint}")

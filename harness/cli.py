@@ -20,21 +20,47 @@ import threading
 import traceback
 from pathlib import Path
 
-from harness.core.errors import FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
+from harness.core.errors import ConfigError, FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
 from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
 
+class _SetAction(argparse.Action):
+    """`--set KEY=VALUE ...`. Its nargs='+' also takes a config file that follows it (`--set k=v CONFIG`), which
+    argparse cannot hand back to the positional: keep it aside as the config (config_of) instead of losing it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *(v for v in values if "=" in v)])
+        for v in values:
+            if "=" in v:
+                continue
+            if getattr(namespace, "config_after_set", None):
+                raise argparse.ArgumentError(self, f"{v!r} is not KEY=VALUE (and the config file is "
+                                                   f"{namespace.config_after_set}); write overrides as KEY=VALUE")
+            namespace.config_after_set = v
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see yaml/)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file (see yaml/); before or after --set")
+    p.add_argument("--set", dest="overrides", action=_SetAction, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
+
+
+def config_of(args) -> str:
+    """The config file, given before --set (the positional) or after it (_SetAction)."""
+    after = getattr(args, "config_after_set", None)
+    if args.config and after:
+        raise ConfigError(f"two config files, {args.config} and {after}; give one (overrides are KEY=VALUE)")
+    if not (args.config or after):
+        raise ConfigError(f"no config file given; usage: harness {args.command} CONFIG [--set KEY=VALUE ...] "
+                          "(see yaml/ for examples)")
+    return args.config or after
 
 
 def _load(args):
     from harness.train.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(config_of(args), args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -42,13 +68,25 @@ def cmd_train(args) -> int:
     from harness.train.trainer import train
 
     cfg = _load(args)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config, cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config_of(args), cfg)
     require_directory(run_dir, "--run-dir")
+    set_threads()
     result = train(cfg, run_dir)
     if result["status"] == COMPLETED and int(os.environ.get("RANK", "0")) == 0:
         tb = run_dir / "tb"
         print(f"TensorBoard logs: {tb}  (view: tensorboard --logdir {tb.parent} --port 6006, then open http://localhost:6006)")
     return 0
+
+
+def set_threads() -> None:
+    """The intra-op threads of this rank, by the sweep workers' rule (harness/core/threads.py), shared by the
+    ranks on this node (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from the deepspeed launcher); said once."""
+    from harness.core.threads import apply, choose_threads
+
+    choice = choose_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+    apply(choice)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"harness: threads {choice.describe()}", flush=True)
 
 
 def cmd_plan(args) -> int:
@@ -91,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Large-batch SGD scaling harness (Smith, Elsen & De 2020).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_local_rank_arg(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The metavar names the commands a user types; `sweep-task` (run by slurm/sweep_array.sh) stays out of it.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands (harness COMMAND --help for each)")
 
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)

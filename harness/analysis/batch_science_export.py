@@ -12,7 +12,7 @@ from typing import Optional
 from harness.analysis.batch_science import NAMED, STATUS, STUDY_KEYS
 from harness.analysis.checks import is_number
 from harness.analysis.history import PLAIN_COLUMNS, read_history, write_csv_rows
-from harness.analysis.records import UNFINISHED, RunRecord, Warn, discover
+from harness.analysis.records import STUDY_FILE, UNFINISHED, RunRecord, Warn, discover
 from harness.core.errors import SweepError
 from harness.core.io import atomic_write_text, make_temp_dir
 from harness.recipe.optim import momentum_of, torch_lr
@@ -145,6 +145,7 @@ def export(a, sweep_dir: Path, dest: Path, echo=None) -> dict[str, int]:
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
             tmp.rename(dest)
+            _keep_extras(old, dest, files, warn)
             shutil.rmtree(old)
         else:
             tmp.rename(dest)
@@ -156,6 +157,17 @@ def export(a, sweep_dir: Path, dest: Path, echo=None) -> dict[str, int]:
         counts[STATUS[r.status]] += 1
     counts["studies"] = sum(rel.endswith("/study.json") for rel in files)
     return counts
+
+
+def _keep_extras(old: Path, dest: Path, files: dict[str, str], warn: Warn) -> None:
+    """What the earlier export held besides its studies (the analysis/ that `harness analyze DIR` wrote there,
+    a user's notes) moves into the new export instead of vanishing with the old tree."""
+    written = {rel.split("/")[0] for rel in files}
+    for entry in sorted(old.iterdir()):
+        if entry.name in written or (entry.is_dir() and next(entry.rglob(STUDY_FILE), None) is not None):
+            continue
+        entry.rename(dest / entry.name)
+        warn(f"--export: kept {dest / entry.name} (not part of the export) from the earlier export")
 
 
 def _is_export(path: Path) -> bool:

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, help="best k runs per cell (default: the spec's select.k, else 12)")
     p.add_argument("--n", type=int, help="runs expected per cell (default: the spec's select.n, else 15)")
     p.add_argument("--out", help="output directory (default SWEEP_DIR/analysis)")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only (no PNG/SVG figures; faster, no matplotlib)")
     p.add_argument("--train-loss", choices=("window", "train_set"), default="window",
                    help="the final training loss: window = mean train-mode minibatch loss over the last S/20 steps "
                         "(result.json train_loss, default); train_set = the full training set in eval mode at the "
@@ -36,16 +36,27 @@ def warn(line: str) -> None:
     print(f"harness: warning: {line}", file=sys.stderr, flush=True)
 
 
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def cmd_analyze(args) -> int:
     from harness.analysis import tables
     from harness.analysis.curves import parse_rates
     from harness.analysis.select import TRAIN_LOSS_LABELS, analyze
 
     sweep_dir = Path(args.sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise SweepError(f"{sweep_dir} is a file, not a sweep directory; pass the directory that holds the run "
+                         "directories (e.g. runs/<spec name>)")
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep directory {sweep_dir} does not exist; run `harness sweep SPEC` first")
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise SweepError(f"--export {args.export[0]!r}: unknown format; expected one of {', '.join(EXPORT_FORMATS)}")
+    if args.reference:  # before the analysis prints anything
+        from harness.analysis.reference import reference_table
+
+        reference_table(args.reference)
     rates = parse_rates(args.curves_lr) if args.curves_lr else None
     a = analyze(sweep_dir, args.k, args.n, args.train_loss, echo=warn)
     out = Path(args.out) if args.out else sweep_dir / "analysis"
@@ -64,11 +75,13 @@ def cmd_analyze(args) -> int:
 
         counts = export(a, sweep_dir, Path(args.export[1]), echo=warn)
         print(f"exported {len(a.records)} trials ({counts['COMPLETE']} COMPLETE, {counts['INFEASIBLE']} INFEASIBLE, "
-              f"{counts['INCOMPLETE']} INCOMPLETE) in {counts['studies']} studies to {args.export[1]} (batch-science)")
+              f"{counts['INCOMPLETE']} INCOMPLETE) in {plural(counts['studies'], 'study', 'studies')} to {args.export[1]} (batch-science)")
     if not args.no_figures:
         from harness.analysis.figures import write_figures
 
-        written += write_figures(a, out, title=sweep_dir.name, curves_lr=rates)
+        from harness.analysis.runs import title_of
+
+        written += write_figures(a, out, title=title_of(sweep_dir), curves_lr=rates)
         if rates and not any(p.stem == "curves" for p in written):
             print("no curves.png: the runs of those rates have no evaluations during training (eval.every_epochs)")
     print(f"wrote {', '.join(p.name for p in written)} to {out}")

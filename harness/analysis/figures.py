@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from harness.analysis import curves
@@ -37,7 +38,7 @@ def _label(a: Analysis, group: tuple, skip: tuple) -> str:
     for key, value in zip(a.group_keys, group):
         if key in skip:
             continue
-        parts.append(str(value) if key == "optim.name" else f"{column_name(key)}={value}")
+        parts.append(str(value) if key == "optim.name" else panel_title(key, value))
     return ", ".join(parts)
 
 
@@ -58,14 +59,25 @@ def _style(a: Analysis, key: tuple, index: int) -> dict:
     return {"color": COLORS.get(name, f"C{index}"), "linestyle": STYLES[(index // 2) % len(STYLES)]}
 
 
+def metric_label(metric: str) -> str:
+    """test_accuracy -> "test accuracy (%)" (the harness records accuracy in percent), test_loss -> "test loss"."""
+    text = metric.replace("test_", "test ").replace("_", " ")
+    return f"{text} (%)" if "accuracy" in metric else text
+
+
+def panel_title(key: str, value) -> str:
+    """batch.global_batch_size=16 -> "B = 16"; other keys by their short column name."""
+    return f"B = {value}" if key == "batch.global_batch_size" else f"{column_name(key)} = {value}"
+
+
 def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _save(fig, out: Path, stem: str, title: str = "") -> list[Path]:
     """Title, lay out, write STEM.png and STEM.svg (each written then renamed), close the figure."""
-    if title:
-        fig.suptitle(title)
+    if title:  # a spec's description can be long: wrapped to the figure's width (about 11 characters an inch)
+        fig.suptitle("\n".join(textwrap.wrap(title, max(40, int(fig.get_figwidth() * 11)))))
     fig.tight_layout()
     paths = []
     for ext in ("png", "svg"):
@@ -79,11 +91,14 @@ def _save(fig, out: Path, stem: str, title: str = "") -> list[Path]:
 
 
 def batch_size_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
+    return _save(draw_batch_size(a), out, "batch_size", title)
+
+
+def draw_batch_size(a: Analysis):
     plt = _plt()
     key_b = "batch.global_batch_size"
-    metric = a.metric.replace("test_", "test ")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    first_lr = None
+    optima: dict[int, list[float]] = {}
     for i, (key, rows) in enumerate(sorted(_series(a, key_b).items(), key=lambda kv: str(kv[0]))):
         label = _label(a, rows[0].group, (key_b,))
         st = _style(a, key, i)
@@ -103,12 +118,14 @@ def batch_size_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
         for b, (_, o) in zip(bs, pts):
             if o.edge:  # an optimum at the grid's edge: hollow marker
                 axes[2].plot([b], [o.cell.lr[0]], marker="o", markersize=11, markerfacecolor="none", color="k")
-        if first_lr is None:
-            first_lr = (bs[0], lr[0], max(bs))
-    if first_lr is not None:
-        b0, lr0, bmax = first_lr
-        axes[2].plot([b0, bmax], [lr0, lr0 * bmax / b0], color="gray", linestyle=":", label="linear scaling (eps ∝ B)")
-    axes[0].set_ylabel(f"optimal {metric}")
+        for b, l in zip(bs, lr):
+            optima.setdefault(b, []).append(l)
+    if optima:  # anchored the same way whatever the series: the geometric mean of the optima at the smallest B
+        b0, bmax = min(optima), max(optima)
+        lr0 = math.exp(sum(map(math.log, optima[b0])) / len(optima[b0]))
+        axes[2].plot([b0, bmax], [lr0, lr0 * bmax / b0], color="gray", linestyle=":",
+                     label=f"linear scaling (eps ∝ B) from B = {b0}")
+    axes[0].set_ylabel(f"optimal {metric_label(a.metric)}")
     axes[1].set_ylabel("final training loss at the optimum")
     axes[2].set_ylabel("optimal effective learning rate")
     axes[2].set_yscale("log", base=2)
@@ -122,7 +139,7 @@ def batch_size_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
         ax.set_title(f"({letter})", loc="left")
     axes[2].legend(fontsize=8)
     axes[0].legend(fontsize=8)
-    return _save(fig, out, "batch_size", title)
+    return fig
 
 
 def _plain_log_axis(ax) -> None:
@@ -167,7 +184,7 @@ def epochs_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
             if t:
                 axes[3].plot([e for e, _ in t], [o.cell.lr[1] for _, o in t], marker="s", alpha=0.6,
                              label=f"{label}: by training loss", **{**st, "linestyle": "--"})
-    axes[0].set_ylabel(f"optimal {a.metric.replace('test_', 'test ')}")
+    axes[0].set_ylabel(f"optimal {metric_label(a.metric)}")
     axes[1].set_ylabel("optimal final training loss")
     axes[2].set_ylabel("optimal initial effective lr" if two_lrs else "optimal effective learning rate")
     if two_lrs:
@@ -185,17 +202,27 @@ def epochs_figure(a: Analysis, out: Path, title: str = "") -> list[Path]:
     return _save(fig, out, "epochs", title)
 
 
-def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 6) -> list[Path]:
-    """One column per (B, other keys): test metric (top) and training loss (bottom) against eps_eff."""
+def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 8) -> list[Path]:
+    return _save(draw_lr_sweep(a, max_cols), out, "lr_sweep", title)
+
+
+def draw_lr_sweep(a: Analysis, max_cols: int = 8):
+    """One column per (B, other keys): test metric (top) and training loss (bottom) against eps_eff. Up to
+    `max_cols` columns in one band (so each band is one metric row over one loss row, labelled at its left);
+    more panels wrap into bands of equal width. Cells whose best k include diverged runs (no finite mean) are drawn as x on the bottom
+    edge of the metric panel (they have no value), and one legend below the panels names every mark."""
+    from matplotlib.lines import Line2D
+
     plt = _plt()
     panels: dict[tuple, list] = {}
     for row in a.rows:
         panels.setdefault(tuple(row.group[1:]), []).append(row)
     keys = sorted(panels, key=str)
     keys.sort(key=lambda k: tuple(v if isinstance(v, (int, float)) else 0 for v in k))
-    cols = min(max_cols, len(keys))
-    bands = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(2 * bands, cols, figsize=(3.4 * cols, 5.6 * bands), squeeze=False)
+    bands = math.ceil(len(keys) / max_cols)
+    cols = math.ceil(len(keys) / bands)
+    fig, axes = plt.subplots(2 * bands, cols, figsize=(3.2 * cols, 5.6 * bands + 0.6), squeeze=False)
+    handles: dict[str, object] = {}
     for p, key in enumerate(keys):
         top, bottom = axes[2 * (p // cols)][p % cols], axes[2 * (p // cols) + 1][p % cols]
         for row in sorted(panels[key], key=lambda r: str(r.group[0])):
@@ -204,30 +231,35 @@ def lr_sweep_figure(a: Analysis, out: Path, title: str = "", max_cols: int = 6) 
             pts = [(c.lr[0], c.by_metric) for c in cells if c.by_metric and _finite(c.by_metric.mean)]
             div = [c.lr[0] for c in cells if c.by_metric and not _finite(c.by_metric.mean)]
             if pts:
-                top.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[_nan0(s.std) for _, s in pts],
-                             marker="o", markersize=3, capsize=2, label=str(row.group[0]), **st)
-            if div and pts:
-                top.plot(div, [min(s.mean for _, s in pts)] * len(div), "x", color=st["color"])
+                line = top.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[_nan0(s.std) for _, s in pts],
+                                    marker="o", markersize=3, capsize=2, **st)
+                handles.setdefault(str(row.group[0]), line)
+            if div:  # x in data coordinates, y on the panel's bottom edge: no value to place them at
+                top.plot(div, [0.03] * len(div), "x", color=st["color"], transform=top.get_xaxis_transform(),
+                         clip_on=False)
+                handles.setdefault("diverged", Line2D([], [], marker="x", color="k", linestyle="none"))
             tl = [(c.lr[0], c.by_loss) for c in cells if c.by_loss and _finite(c.by_loss.mean)]
             if tl:
                 bottom.errorbar([x for x, _ in tl], [s.mean for _, s in tl], yerr=[_nan0(s.std) for _, s in tl],
-                                marker="o", markersize=3, capsize=2, label=str(row.group[0]), **st)
-        name = ", ".join(f"{column_name(k)}={v}" for k, v in zip(a.group_keys[1:], key))
-        top.set_title(name, fontsize=9)
+                                marker="o", markersize=3, capsize=2, **st)
+        top.set_title(", ".join(panel_title(k, v) for k, v in zip(a.group_keys[1:], key)), fontsize=9)
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.grid(True, which="both", alpha=0.3)
         _plain_log_axis(bottom)
         bottom.set_xlabel("effective learning rate")
         if p % cols == 0:
-            top.set_ylabel(a.metric.replace("test_", "test "))
+            top.set_ylabel(metric_label(a.metric))
             bottom.set_ylabel("final training loss")
-        if p == 0:
-            top.legend(fontsize=7)
     for p in range(len(keys), bands * cols):
         axes[2 * (p // cols)][p % cols].axis("off")
         axes[2 * (p // cols) + 1][p % cols].axis("off")
-    return _save(fig, out, "lr_sweep", title)
+    labels = [k for k in handles if k != "diverged"] + (["diverged"] if "diverged" in handles else [])
+    names = {"diverged": f"diverged (no finite mean of the best {a.k})"}
+    # Below the panels (savefig's tight bounding box takes it in): the title keeps the top.
+    fig.legend([handles[k] for k in labels], [names.get(k, k) for k in labels], loc="upper center", ncol=len(labels),
+               bbox_to_anchor=(0.5, 0.0), frameon=False, fontsize=9)
+    return fig
 
 
 def curves_figure(a: Analysis, out: Path, title: str = "", rates=None) -> list[Path]:
@@ -251,9 +283,9 @@ def curves_figure(a: Analysis, out: Path, title: str = "", rates=None) -> list[P
             ax.axvline(epochs / 2, color="gray", linestyle=":", label=f"first lr drop ({epochs / 2:g} epochs)")
         ax.set_title(_label(a, row.group, ()), fontsize=9)
         ax.set_xlabel(x)
-        ax.set_ylabel(f"{a.metric.replace('test_', 'test ')} during training")
+        ax.set_ylabel(f"{metric_label(a.metric)} during training")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below the axes, off the data
     return _save(fig, out, "curves", title)
 
 

@@ -90,6 +90,16 @@ def selection_of(sweep_dir: Path) -> tuple[int, int]:
         return default.k, default.n  # none, or not ours: --k/--n say what the paper's defaults do not
 
 
+def title_of(sweep_dir: Path) -> str:
+    """The figures' title: the spec's description from the sweep.yaml `harness sweep` wrote, else the name of the
+    sweep directory."""
+    try:
+        description = (yaml.safe_load((Path(sweep_dir) / "sweep.yaml").read_text()) or {}).get("description")
+    except (OSError, yaml.YAMLError, AttributeError):
+        description = None
+    return " ".join(description.split()) if isinstance(description, str) and description.strip() else Path(sweep_dir).name
+
+
 def expected_runs(sweep_dir: Path) -> int:
     path = Path(sweep_dir) / ".sweep" / "runs.json"
     try:

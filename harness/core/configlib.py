@@ -301,6 +301,8 @@ def load_yaml_text(text: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass the path of a YAML file in it (see yaml/ for examples)")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass the path of a YAML file (see yaml/ for examples)")
     if path.stat().st_size > MAX_YAML_BYTES:

@@ -80,6 +80,14 @@ def _fits(b: int, w: int, m: int, g: int | None) -> bool:
     return g % m == 0 and w % (g // m) == 0
 
 
+def _ghost_misfit(w: int, m: int, g: int) -> str:
+    """Why micro-batch m cannot hold whole ghost-BN groups of g at world size w (the rules of _fits)."""
+    if m >= g or g % m:
+        return f"micro-batch {m} must be a multiple of the ghost batch size {g}, or a divisor of it"
+    return (f"a ghost group of {g} spans {g // m} ranks of micro-batch {m}, which needs {g // m} ranks per group "
+            f"dividing the world size {w}")
+
+
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
@@ -138,10 +146,7 @@ def make_batch_plan(
         if not _fits(b, w, m, g):
             why = f"{b} is not a multiple of {w} ranks x {m}"
             if b % (w * m) == 0 and g is not None:
-                why = (
-                    f"micro-batch {m} must be a multiple of the ghost batch size {g}, or divide it with "
-                    f"{g // m if g % m == 0 else '?'} ranks per group dividing the world size {w}"
-                )
+                why = _ghost_misfit(w, m, g)
             raise PlanError(f"impossible layout (B={b}, W={w}, m={m}): {why}; {_suggest(b, w, g, max_micro_batch_size)}")
     return BatchPlan(b, w, m, b // (w * m), g)
 

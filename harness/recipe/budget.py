@@ -29,9 +29,11 @@ class BudgetConfig:
 
     def validate(self, path: str) -> None:
         if (self.steps is None) == (self.epochs is None):
-            got = "both" if self.steps is not None else "neither"
+            if self.steps is None:
+                raise ConfigError(f"config key {path}: set exactly one of {path}.steps or {path}.epochs, the run's "
+                                  f"length (neither is set), e.g. --set {path}.epochs=20")
             raise ConfigError(
-                f"config key {path}: set exactly one of {path}.steps or {path}.epochs (got {got}); "
+                f"config key {path}: set exactly one of {path}.steps or {path}.epochs (got both); "
                 f"to switch, clear the other, e.g. --set {path}.epochs=null {path}.steps=1000"
             )
 

@@ -3,7 +3,6 @@ executors (local.py, slurm.py) and the dry run (dry_run.py). Light at import tim
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections import Counter
 from pathlib import Path
@@ -14,7 +13,8 @@ from harness.core.errors import ConfigError, SweepError
 def add_parsers(sub) -> None:
     p = sub.add_parser("sweep", help="expand a sweep spec into runs and run what is missing (local pool or SLURM array)")
     p.add_argument("spec", help="sweep spec YAML (see yaml/table1.yaml)")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local (default): a pool of worker processes on this machine; slurm: a SLURM job array")
     p.add_argument("--dry-run", action="store_true", help="print the runs, the grid, the steps and the cost; run nothing")
     p.add_argument("--max-parallel", type=int, default=None,
                    help="local: worker processes (default: CPU cores); slurm: array tasks at once, %%P (default 16)")
@@ -23,10 +23,10 @@ def add_parsers(sub) -> None:
                                                     "(default: the spec's cost.examples_per_second_per_gpu)")
     p.add_argument("--no-pack", action="store_true", help="train every run on its own, never as a batched pack")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the job array ends (sbatch --wait)")
-    p.add_argument("-v", "--verbose", action="store_true", help="local: one line per finished run")
+    p.add_argument("-v", "--verbose", action="store_true", help="local: also print one line per finished run (status and test metric); failures always print")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("sweep-task", help=argparse.SUPPRESS)  # run by slurm/sweep_array.sh
+    p = sub.add_parser("sweep-task")  # run by slurm/sweep_array.sh; no help=: argparse then lists it nowhere
     p.add_argument("task_file")
     p.add_argument("index", type=int)
     p.set_defaults(func=cmd_sweep_task)

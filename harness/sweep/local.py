@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from harness.core.errors import SweepError, SweepStopped
 from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
+from harness.core.threads import choose_threads
 from harness.sweep.locks import describe
 from harness.sweep.state import prepare, status
 from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
@@ -116,7 +117,7 @@ class LocalRun:
 
 
 def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack: bool,
-              report: Callable[[Outcome], None]) -> LocalRun:
+              report: Callable[[Outcome], None], task_done: Callable[[], None] = lambda: None) -> LocalRun:
     """A pool of `max_parallel` worker processes (1: this process), each taking whole tasks.
 
     Ctrl-C (SIGINT), SIGTERM or SIGUSR1 stop the sweep gracefully: no new run starts, every run in progress
@@ -125,15 +126,17 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
     import torch
 
     run = LocalRun([])
-    cores = os.cpu_count() or 1
-    # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (torch reads it itself).
+    # Threads per worker: the free cores shared out, unless OMP_NUM_THREADS says otherwise (harness/core/threads.py).
     workers = max(1, min(max_parallel, len(tasks)))
-    threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, cores // workers)
+    choice = choose_threads(workers)
+    print(f"sweep: {choice.describe()}", flush=True)
+    threads = choice.threads or 0
 
     def collect(outcomes: list[Outcome]) -> None:
         for o in outcomes:
             report(o)
             run.outcomes.append(o)
+        task_done()  # after the task's last outcome: one progress line per task, not per run of a pack
 
     if workers == 1:
         if threads:
@@ -240,9 +243,11 @@ def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bo
         return 0
     counts: Counter = Counter()
     bar = tqdm(total=len(st.missing), unit="run", disable=None, dynamic_ncols=True)  # a bar on a terminal only
+    lines = SweepProgress(sweep.name, [len(t) for t in tasks], min(max_parallel, len(tasks)), enabled=bar.disable)
 
     def report(o) -> None:
         counts[o.status] += 1
+        lines.runs_done += 1
         if o.status not in ("finished-before", "locked"):
             bar.update(1)
         if verbose or o.status == "failed":
@@ -250,7 +255,7 @@ def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bo
             tqdm.write(f"sweep: {o.name}: {o.status}{value}{(' ' + o.detail) if o.detail else ''}")
 
     try:
-        local = run_local(sweep_dir, tasks, max_parallel, pack, report)
+        local = run_local(sweep_dir, tasks, max_parallel, pack, report, lines.task_done)
     finally:
         bar.close()
     ran = counts[COMPLETED] + counts[DIVERGED] + counts["failed"] + counts[INTERRUPTED]
@@ -267,6 +272,30 @@ def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bo
                            f"{len(st.missing) - len(local.outcomes)} not started; run the same command again: "
                            "interrupted runs resume from their checkpoint (packed runs start over)")
     return 0
+
+
+class SweepProgress:
+    """Off a terminal (no progress bar): a line after each finished task (runs_done counts the outcomes reported),
+    runs done / tasks running / runs left and the ETA (the elapsed time per run done, times the runs left)."""
+
+    def __init__(self, name: str, sizes: list[int], workers: int, enabled: bool):
+        self.name, self.sizes, self.workers, self.enabled = name, sizes, max(1, workers), enabled
+        self.tasks_done = self.runs_done = 0
+        self.started = time.time()
+
+    def task_done(self) -> None:
+        self.tasks_done += 1
+        if self.enabled:
+            print(self.line(time.time() - self.started), flush=True)
+
+    def line(self, elapsed: float) -> str:
+        total = sum(self.sizes)
+        left_tasks = max(0, len(self.sizes) - self.tasks_done)
+        running = min(self.workers, left_tasks)
+        eta = duration(elapsed / self.runs_done * (total - self.runs_done)) if self.runs_done else "?"
+        return (f"sweep {self.name}: {self.runs_done}/{total} runs done, {running} task{'s' if running != 1 else ''} "
+                f"running, {total - self.runs_done} left, ETA {eta}" if left_tasks else
+                f"sweep {self.name}: {self.runs_done}/{total} runs done")
 
 
 def duration(seconds: float) -> str:

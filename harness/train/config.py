@@ -73,7 +73,8 @@ class LogConfig:
     # back to the host only at these steps, so a GPU never waits for the host in between.
     every_steps: int = positive(10)
     tensorboard: bool = True
-    # tqdm progress bar on rank 0 (off by default when stderr is not a terminal is NOT assumed: set false).
+    # Progress on rank 0: a tqdm bar on a terminal; elsewhere (a SLURM .out file, a pipe) a plain line at each tenth
+    # of the run (harness/train/trainer.py: ProgressLines). false: neither.
     progress: bool = True
     # The gradient noise scale B_simple (McCandlish et al. 2018), measured online from the gradients of two batch
     # sizes (harness/train/noise_scale.py): metrics `b_simple`, `noise_trace`, `noise_grad_sq`, result.json

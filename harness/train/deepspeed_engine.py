@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -84,6 +85,30 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def uncached_op() -> Path | None:
+    """The op DeepSpeed compiles on its first use here, when it is not built yet: on the CPU accelerator its
+    shared-memory collectives (deepspeed/comm/torch.py: build_shm_op, a JIT torch extension, about 85 s), looked
+    up where torch's JIT builds extensions (torch/utils/cpp_extension.py: _get_build_directory)."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import get_default_build_root
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:  # a GPU accelerator: NCCL, nothing to build
+        return None
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        root = Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    so = Path(root) / builder.NAME / f"{builder.NAME}.so"
+    return None if so.is_file() else so
+
+
+def announce_op_build(is_main: bool) -> None:
+    so = uncached_op()
+    if so is not None and is_main:
+        print(f"harness: deepspeed: building its {so.stem} op once (about 1.5 minutes; cached in {so.parent.parent}, "
+              "set TORCH_EXTENSIONS_DIR to share the cache)", flush=True)
+
+
 class DeepSpeedEngine(EngineBase):
     """backend: deepspeed. The same model, batch plan and torch SGD, stepped by `deepspeed.initialize`'s engine.
 
@@ -108,6 +133,7 @@ class DeepSpeedEngine(EngineBase):
         self.optimizer = optimizer  # DeepSpeed steps this very object (no ZeRO, no wrapper): lr is set on it
         self.plan = plan
         self.device = device
+        announce_op_build(torch.distributed.get_rank() == 0)  # before initialize(), which builds it
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         if self.ds.global_rank == 0:  # the config in effect, for the log (clipping 0.0 shows it is off)
             print(f"harness: deepspeed {deepspeed.__version__} engine, config {json.dumps(self.config)}", flush=True)

@@ -13,6 +13,7 @@ at log intervals, so the host can queue the next step while the device runs this
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -142,8 +143,14 @@ class DDPEngine(EngineBase):
         if self.world_size > 1:
             # broadcast_buffers=False: DDP would otherwise overwrite every rank's BN running statistics
             # with rank 0's each forward; ghost_bn.update_running_stats keeps them identical instead.
-            self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                           broadcast_buffers=False, gradient_as_bucket_view=True)
+            # torch deprecates broadcast_buffers for forward_sync_buffers, but says to keep broadcast_buffers=False
+            # where buffers must not be synced at init (torch/nn/parallel/distributed.py); its FutureWarning is
+            # the same on every rank, so rank 0 alone shows it: once per job, not once per rank.
+            with warnings.catch_warnings():
+                if dist.get_rank() != 0:
+                    warnings.simplefilter("ignore", FutureWarning)
+                self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                               broadcast_buffers=False, gradient_as_bucket_view=True)
         self.model = self.ddp or model  # what the training forward calls (compiled by speed.compile)
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.device_type = device.type

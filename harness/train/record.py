@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from harness.core.io import atomic_save_torch, atomic_write_json, read_json
-from harness.core.status import FINISHED, is_finished
+from harness.core.status import DIVERGED, FINISHED, is_finished
 from harness.recipe.budget import Durations
 from harness.train.config import Config, check_resumable, to_yaml
 from harness.train.provenance import slurm_info
@@ -140,9 +140,13 @@ def write_result(run_dir: Path, result: dict) -> None:
 
 def summary(result: dict) -> str:
     """One line for the log: status, steps, test metric, final training loss, throughput."""
+    rate = f"{result['examples_per_second']:.0f} examples/s"
+    if result["status"] == DIVERGED:  # no test metric and no final window: say what happened instead
+        return (f"done: diverged at step {result['diverged_at_step']} of {result['total_steps']} (training loss "
+                f"non-finite or above divergence.max_loss): no test metric, no final train loss; {rate}")
     metric = result["test_metric"]
-    value = f"{metric} {result[metric]:.4g}" if result.get(metric) is not None else result["status"]
-    loss = result["train_loss"]
-    return (f"done: {result['status']} after {result['steps']} steps; {value}; final train loss "
-            f"{loss if loss is None else round(loss, 5)}; {result['examples_per_second']:.0f} examples/s")
+    parts = [f"{metric} {result[metric]:.4g}" if result.get(metric) is not None else f"no {metric}"]
+    if result["train_loss"] is not None:
+        parts.append(f"final train loss {round(result['train_loss'], 5)}")
+    return f"done: {result['status']} after {result['steps']} steps; " + "; ".join(parts + [rate])
 

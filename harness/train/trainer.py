@@ -18,6 +18,7 @@ or a checkpoint); the flags that every rank must agree on travel on the host (di
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,8 +231,10 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
     watch = StallWatch(stop, env.rank, lambda: resumes_from(saved_at[0]), PeerLost.exit_code) \
         if env.world_size > 1 else None
     ledger = None
-    bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (env.is_main and cfg.log.progress),
+    shown = env.is_main and cfg.log.progress
+    bar = tqdm(total=durations.total_steps, initial=state.step, disable=not (shown and on_terminal()),
                unit="step", dynamic_ncols=True)
+    lines = ProgressLines(durations.total_steps, state.step, enabled=shown and not on_terminal())
     last_save = time.time()
     first = state.step
     try:
@@ -273,6 +276,7 @@ def loop(run: Run, log: MetricsLog) -> tuple[str, int | None]:
                 rate = examples_per_second(run)
                 log.write(record.progress_record(state.step, durations, train_stats, lr, eff, plan.global_batch_size, rate, norms))
                 bar.set_postfix(loss=f"{train_stats['loss']:.4f}", lr=f"{lr:.3g}", ex_s=f"{rate:.0f}", refresh=False)
+                lines.at(state.step, f"loss {train_stats['loss']:.4f}, lr {lr:.3g}, {rate:.0f} examples/s")
             bar.update(1)
             if eval_due:
                 log.write({"step": state.step, **evaluate(run.engine, run.objective, run.data)})
@@ -310,6 +314,27 @@ def peer_lost(error: Exception, rank: int, step: int, saved_at: int, timeout_min
 def resumes_from(step: int) -> str:
     what = f"from its checkpoint at step {step}" if step else "from the start (no checkpoint yet)"
     return f"rerun the same command to resume {what}"
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class ProgressLines:
+    """The progress bar's stand-in off a terminal (a SLURM .out file, a pipe), where tqdm's carriage-return
+    frames pile up: one plain line at each tenth of the run, or after `seconds` without one, at a log step."""
+
+    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 300.0):
+        self.total, self.enabled, self.seconds = total, enabled, seconds
+        self.tenth = start * 10 // max(total, 1)
+        self.last = time.time()
+
+    def at(self, step: int, text: str) -> None:
+        tenth = step * 10 // max(self.total, 1)
+        if not self.enabled or (tenth == self.tenth and time.time() - self.last < self.seconds):
+            return
+        self.tenth, self.last = tenth, time.time()
+        print(f"harness: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%): {text}", flush=True)
 
 
 def read_back(run: Run, stats: torch.Tensor, norms: dict, ledger: Ledger) -> tuple[dict, dict, int | None]:
