@@ -126,9 +126,12 @@ def run_local(sweep_dir: Path, tasks: list[list[dict]], max_parallel: int, pack:
     import torch
 
     run = LocalRun([])
-    # Threads per worker: the free cores shared out, unless OMP_NUM_THREADS says otherwise (harness/core/threads.py).
+    # Threads per worker: the cores shared out, unless OMP_NUM_THREADS says otherwise (harness/core/threads.py).
+    # Not less the load, as `harness train` does: the thread count changes the last bits of a run (the order of a
+    # matmul's partial sums), and a sweep's results, the demo's tables among them, must not depend on what else
+    # ran on the node that minute. The sweep's own workers are what keeps the node busy.
     workers = max(1, min(max_parallel, len(tasks)))
-    choice = choose_threads(workers)
+    choice = choose_threads(workers, load=0.0)
     print(f"sweep: {choice.describe()}", flush=True)
     threads = choice.threads or 0
 
