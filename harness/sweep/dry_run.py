@@ -50,6 +50,8 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
                      "(training only; evaluation not counted)")
     else:
         lines.append("cost: pass --throughput EXAMPLES_PER_S (one GPU's training throughput) for GPU-hours")
+    if sweep.spec.search == "adaptive":
+        lines += adaptive_cost(sweep, total_examples, throughput)
     unchecked = [r for r in runs if not r.model_checked]
     if unchecked:
         lines.append(f"warning: model keys not checked, this build cannot load them: {unchecked[0].model_note}")
@@ -84,3 +86,18 @@ def _slurm_arrays(n_tasks: int, max_parallel: int, slurm) -> list[str]:
     shown = "; ".join(f"sbatch --array=0-{len(a) - 1}%{max_parallel}" for a in arrays[:3]) + ("; ..." if len(arrays) > 3 else "")
     return [f"executor slurm: {n_tasks} array tasks, at most {max_parallel} at once ({shown} slurm/sweep_array.sh ...); "
             f"{slurm.describe()}", f"  arrays: {describe_arrays(arrays, limits, max_parallel)}"]
+
+
+def adaptive_cost(sweep, grid_examples: int, throughput) -> list[str]:
+    """The full grid's cost beside the adaptive search's expected range (harness/sweep/search.py: cost_range)."""
+    from harness.sweep.search import cost_range
+
+    a = sweep.spec.adaptive
+    fewest, most, lo, hi = cost_range(sweep, lambda r: run_steps(r.config)[0] * r.config["batch"]["global_batch_size"])
+    hours = (lambda x: f", {x / throughput / 3600:,.1f} GPU-hours") if throughput else (lambda x: "")
+    return [f"search: adaptive (window {a.window} rates, {a.seeds} seeds while locating, margin {a.margin} step(s)):",
+            f"  {'':14} {'runs':>13} {'examples':>31}",
+            f"  {'full grid':14} {len(sweep.runs):>13,} {grid_examples:>31,}{hours(grid_examples)}",
+            f"  {'adaptive':14} {f'{fewest:,}-{most:,}':>13} {f'{lo:,.0f}-{hi:,.0f}':>31}"
+            + (f", {lo / throughput / 3600:,.1f}-{hi / throughput / 3600:,.1f} GPU-hours" if throughput else "")
+            + f" (typical; {100 * fewest / len(sweep.runs):.0f}-{100 * most / len(sweep.runs):.0f}% of the grid, at most all of it)"]
