@@ -50,7 +50,7 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
                      "(training only; evaluation not counted)")
     else:
         lines.append("cost: pass --throughput EXAMPLES_PER_S (one GPU's training throughput) for GPU-hours")
-    if sweep.spec.search == "adaptive":
+    if adaptive_applies(sweep):
         lines += adaptive_cost(sweep, total_examples, throughput)
     unchecked = [r for r in runs if not r.model_checked]
     if unchecked:
@@ -93,11 +93,24 @@ def adaptive_cost(sweep, grid_examples: int, throughput) -> list[str]:
     from harness.sweep.search import cost_range
 
     a = sweep.spec.adaptive
+    how = "search: adaptive" if sweep.spec.search == "adaptive" else "search: grid; with `search: adaptive` in the spec"
     fewest, most, lo, hi = cost_range(sweep, lambda r: run_steps(r.config)[0] * r.config["batch"]["global_batch_size"])
     hours = (lambda x: f", {x / throughput / 3600:,.1f} GPU-hours") if throughput else (lambda x: "")
-    return [f"search: adaptive (window {a.window} rates, {a.seeds} seeds while locating, margin {a.margin} step(s)):",
+    return [f"{how} (window {a.window} rates, {a.seeds} seeds while locating, margin {a.margin} step(s)):",
             f"  {'':14} {'runs':>13} {'examples':>31}",
             f"  {'full grid':14} {len(sweep.runs):>13,} {grid_examples:>31,}{hours(grid_examples)}",
             f"  {'adaptive':14} {f'{fewest:,}-{most:,}':>13} {f'{lo:,.0f}-{hi:,.0f}':>31}"
             + (f", {lo / throughput / 3600:,.1f}-{hi / throughput / 3600:,.1f} GPU-hours" if throughput else "")
             + f" (typical; {100 * fewest / len(sweep.runs):.0f}-{100 * most / len(sweep.runs):.0f}% of the grid, at most all of it)"]
+
+
+def adaptive_applies(sweep) -> bool:
+    """Whether the spec searches adaptively, or could (then --dry-run shows what it would save)."""
+    from harness.core.errors import ConfigError
+    from harness.sweep.spec import check_adaptive
+
+    try:
+        check_adaptive(sweep.spec, sweep.blocks)
+    except ConfigError:
+        return False
+    return True
