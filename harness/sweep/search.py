@@ -22,7 +22,7 @@ from harness.core.io import atomic_write_json, read_json
 from harness.core.status import DIVERGED
 from harness.sweep.adaptive import Plan, Rules, plan_group, predicted_start, skip_reasons
 from harness.sweep.spec import LR_KEY, Run, Sweep
-from harness.sweep.state import result_of, state_dir
+from harness.sweep.state import hparams_of, result_of, state_dir
 
 BATCH_KEY = "batch.global_batch_size"
 
@@ -133,7 +133,8 @@ def finish_record(sweep: Sweep, sweep_dir: Path, record: dict) -> dict:
         for (i, s), why in sorted(skip_reasons(len(g.rates), len(g.seeds), results, planned, higher, rules).items()):
             if (i, s) in g.runs:
                 run = g.runs[(i, s)]
-                skipped.append({"id": run.id, "name": run.name, "point": run.point, "why": why})
+                # the standard hparams too: analyze matches the point to its cell by them
+                skipped.append({"id": run.id, "name": run.name, "point": hparams_of(run, sweep.axis_keys), "why": why})
     record.update(done=True, grid_runs=len(sweep.runs), runs_used=len(ids), skipped=skipped)
     atomic_write_json(record_path(sweep_dir), record)
     return record
