@@ -5,14 +5,17 @@ and a search stopped between rounds resumes without running anything twice."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import time
 
 import pytest
 
 from harness import cli
 from harness.recipe import selection
 from harness.sweep.adaptive import Rules, can_be_optimal, criterion, plan_group, predicted_start, skip_reasons
-from tests.conftest import write_config
+from tests.conftest import harness_env, run_harness, write_config
 
 RULES = Rules(window=3, seeds=2, margin=1, k=2)
 
@@ -169,11 +172,10 @@ def test_a_bad_search_option_is_a_one_line_config_error(tmp_path, digits_shards,
     assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err and err.startswith("harness: error:")
 
 
-def test_slurm_refuses_the_adaptive_search_for_now(tmp_path, digits_shards, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["sweep", str(spec(tmp_path, digits_shards)), "--executor", "slurm", "--sweep-dir", str(tmp_path / "s")])
+def test_slurm_refuses_wait_with_the_adaptive_search(tmp_path, digits_shards, capsys):
+    code = main(["sweep", str(spec(tmp_path, digits_shards)), "--executor", "slurm", "--wait", "--sweep-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "local executor only for now" in err and len(err.splitlines()) == 1
+    assert code == 2 and "--wait with search: adaptive" in err and len(err.splitlines()) == 1
 
 
 def test_dry_run_prints_the_full_and_the_adaptive_cost_side_by_side(tmp_path, digits_shards, capsys):
@@ -248,3 +250,49 @@ def test_a_search_stopped_between_rounds_resumes_and_runs_nothing_twice(tmp_path
     # and once more: nothing left to run
     assert search(tmp_path, digits_shards, stopped) == 0
     assert " ran " not in capsys.readouterr().out
+
+
+def wait_for_jobs(jobs: list[str], env: dict, deadline: float) -> None:
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True, env=env)
+        if not queue.stdout.strip():
+            return
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_slurm_chains_the_rounds_with_planner_jobs_resumes_after_a_kill_and_ends_with_the_local_table(
+        tmp_path, digits_shards, slurm_cluster, capsys):
+    sweep_dir, job_env = tmp_path / "slurm", harness_env(OMP_NUM_THREADS=1, SLURM_CONF=slurm_cluster.conf)
+    path = spec(tmp_path, digits_shards, extra="slurm: {time: '00:20:00'}", lr="{log2: [-2, 3]}")
+    command = ["sweep", path, "--executor", "slurm", "--max-parallel", "4", "--sweep-dir", sweep_dir]
+    out = run_harness(*command, env=job_env).stdout
+    assert "round 1:" in out and "submitted job array" in out
+    arrays = re.findall(r"submitted job array (\d+)", out)
+    planner = re.search(r"planner job (\d+) plans round 2 after (\S+) \(afterany\)", out)
+    assert planner and planner.group(2) == ",".join(arrays)
+    # Kill the search between rounds: cancel the planner; round 1 ends, nothing plans round 2.
+    subprocess.run(["scancel", planner.group(1)], check=True, env=job_env)
+    deadline = time.time() + 1200
+    wait_for_jobs(arrays + [planner.group(1)], job_env, deadline)
+    record = json.loads((sweep_dir / ".sweep" / "search.json").read_text())
+    assert len(record["rounds"]) == 1 and not record.get("done")
+    # The same command resumes: it plans round 2 from round 1's results, and the planner jobs do the rest.
+    out = run_harness(*command, env=job_env).stdout
+    assert "round 2:" in out and "planner job" in out
+    while time.time() < deadline and not json.loads((sweep_dir / ".sweep" / "search.json").read_text()).get("done"):
+        time.sleep(2)
+    record = json.loads((sweep_dir / ".sweep" / "search.json").read_text())
+    logs = "\n".join(p.read_text() for p in (sweep_dir / ".sweep" / "slurm").glob("*.out"))
+    assert record.get("done"), logs[-4000:]
+    assert len(record["rounds"]) >= 3 and len(record["planners"]) >= 2  # rounds 3.. were planned by planner jobs
+    ran = [json.loads(line)["id"] for line in (sweep_dir / ".sweep" / "history.jsonl").read_text().splitlines()]
+    assert sorted(ran) == sorted(set(ran)) and len(ran) == record["runs_used"]  # nothing ran twice
+    # The same rounds and the same table as the local executor.
+    assert search(tmp_path, digits_shards, tmp_path / "local", extra="slurm: {time: '00:20:00'}", lr="{log2: [-2, 3]}") == 0
+    local = json.loads((tmp_path / "local" / ".sweep" / "search.json").read_text())
+    assert [r["runs"] for r in local["rounds"]] == [r["runs"] for r in record["rounds"]]
+    assert optima(sweep_dir)[0] == optima(tmp_path / "local")[0]
+    # Run again once it is done: it submits nothing.
+    again = run_harness(*command, env=job_env).stdout
+    assert "done after" in again and "submitted" not in again

@@ -54,8 +54,12 @@ def cmd_sweep(args) -> int:
     check_data_paths(run.config for run in sweep.runs if not is_finished(run.dir(sweep_dir)))
     if sweep.spec.search == "adaptive":
         if args.executor == "slurm":
-            raise ConfigError("search: adaptive runs on the local executor only for now; run it with --executor "
-                              "local (e.g. inside one allocation), or use search: grid for a SLURM job array")
+            from harness.sweep.search import submit_search
+
+            if args.wait:
+                raise ConfigError("--wait with search: adaptive: the search's rounds go on in planner jobs after "
+                                  "sbatch returns; drop --wait and watch .sweep/search.json (done: true) or squeue")
+            return submit_search(sweep, sweep_dir, Path(args.spec), args.max_parallel or 16, pack)
         from harness.sweep.search import run_search
 
         return run_search(sweep, sweep_dir, args.max_parallel or os.cpu_count() or 1, pack, args.verbose)

@@ -149,11 +149,7 @@ def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: bool, ver
     sweep_dir = Path(sweep_dir)
     state_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
     record = read_record(sweep_dir)
-    by_id = {r.id: r for r in sweep.runs}
-    unknown = planned_ids(record) - set(by_id)
-    if unknown:
-        raise SweepError(f"{record_path(sweep_dir)} lists {len(unknown)} runs that this spec does not have (the spec "
-                         "changed since the search began); use a new --sweep-dir, or delete that file to search again")
+    _check_known(sweep, sweep_dir, record)
     while True:
         ids = planned_ids(record)
         if ids:
@@ -166,20 +162,34 @@ def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: bool, ver
                                  "are not finished (held by another executor?); run the same command again when it ends")
         runs, plans = next_round(sweep, sweep_dir, ids)
         if not runs:
-            record = finish_record(sweep, sweep_dir, record)
-            print(f"search {sweep.name}: done after {len(record['rounds'])} rounds: {record['runs_used']} of "
-                  f"{record['grid_runs']} grid runs used ({100 * record['runs_used'] / record['grid_runs']:.0f}%), "
-                  f"{len(record['skipped'])} skipped (why: {record_path(sweep_dir)})", flush=True)
+            _say_done(sweep, sweep_dir, finish_record(sweep, sweep_dir, record))
             return 0
-        why = {}
-        for _, w in runs:
-            w = w.split(":")[0]
-            why[w] = why.get(w, 0) + 1
-        record["rounds"].append({"runs": [r.id for r, _ in runs], "why": {r.id: w for r, w in runs}})
-        atomic_write_json(record_path(sweep_dir), record)
-        active = sum(p.state not in ("done", "waiting") for _, p in plans)
-        print(f"search {sweep.name}: round {len(record['rounds'])}: {len(runs)} runs ("
-              + ", ".join(f"{n} {w}" for w, n in why.items()) + f") in {active} of {len(plans)} groups", flush=True)
+        _record_round(sweep, sweep_dir, record, runs, plans)
+
+
+def _check_known(sweep: Sweep, sweep_dir: Path, record: dict) -> None:
+    unknown = planned_ids(record) - {r.id for r in sweep.runs}
+    if unknown:
+        raise SweepError(f"{record_path(sweep_dir)} lists {len(unknown)} runs that this spec does not have (the spec "
+                         "changed since the search began); use a new --sweep-dir, or delete that file to search again")
+
+
+def _record_round(sweep: Sweep, sweep_dir: Path, record: dict, runs: list, plans: list) -> None:
+    """Append the next round to the record (before any of its runs starts: a rerun then runs the same round)."""
+    why: dict = {}
+    for _, w in runs:
+        why[w.split(":")[0]] = why.get(w.split(":")[0], 0) + 1
+    record["rounds"].append({"runs": [r.id for r, _ in runs], "why": {r.id: w for r, w in runs}})
+    atomic_write_json(record_path(sweep_dir), record)
+    active = sum(p.state not in ("done", "waiting") for _, p in plans)
+    print(f"search {sweep.name}: round {len(record['rounds'])}: {len(runs)} runs ("
+          + ", ".join(f"{n} {w}" for w, n in why.items()) + f") in {active} of {len(plans)} groups", flush=True)
+
+
+def _say_done(sweep: Sweep, sweep_dir: Path, record: dict) -> None:
+    print(f"search {sweep.name}: done after {len(record['rounds'])} rounds: {record['runs_used']} of "
+          f"{record['grid_runs']} grid runs used ({100 * record['runs_used'] / record['grid_runs']:.0f}%), "
+          f"{len(record['skipped'])} skipped (why: {record_path(sweep_dir)})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- accounting
@@ -201,3 +211,118 @@ def cost_range(sweep: Sweep, examples_of) -> tuple[int, int, float, float]:
         lo[2] += fewest * per
         lo[3] += most * per
     return lo[0], lo[1], lo[2], lo[3]
+
+
+# ---------------------------------------------------------------------------------------------- the SLURM executor
+
+PLANNER_ENV = "HARNESS_SEARCH_PLANNER"  # set in the planner job: a round whose runs failed twice stops the chain
+
+
+def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: bool) -> int:
+    """One planning step on SLURM, run by `harness sweep --executor slurm` and by each planner job: submit the
+    recorded round's missing runs, or plan and record the next round and submit it, as job arrays; then a small
+    planner job (`--dependency=afterany` on those arrays) that runs this same command when they have ended."""
+    import fcntl
+
+    sweep_dir = Path(sweep_dir)
+    state_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with open(state_dir(sweep_dir) / "search.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a planner job and a user's rerun never plan the same round twice
+        return _submit_step(sweep, sweep_dir, Path(spec_path).resolve(), max_parallel, pack)
+
+
+def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: bool) -> int:
+    import os
+
+    from harness.sweep.slurm import submit_missing
+    from harness.sweep.state import prepare, status
+
+    record = read_record(sweep_dir)
+    _check_known(sweep, sweep_dir, record)
+    ids = planned_ids(record)
+    if ids:
+        chosen = dataclasses.replace(sweep, runs=[r for r in sweep.runs if r.id in ids])
+        st = status(prepare(chosen, sweep_dir), sweep_dir)
+        if st.running or st.queued:
+            waiting = sorted({job.split("_")[0] for _, job in st.queued})
+            print(f"search {sweep.name}: round {len(record['rounds'])}: {len(st.queued)} runs queued, "
+                  f"{len(st.running)} running", flush=True)
+            _planner(sweep, sweep_dir, record, spec_path, max_parallel, pack, waiting)
+            return 0
+        if st.missing:
+            last = record["rounds"][-1]
+            if os.environ.get(PLANNER_ENV) and last.get("submissions", 1) >= 2:
+                raise SweepError(f"sweep {sweep.name}: {len(st.missing)} runs of the search's round {len(record['rounds'])} "
+                                 "failed twice (see error.txt in their run directories); fix the cause and run the "
+                                 "same command again")
+            last["submissions"] = last.get("submissions", 1) + 1
+            atomic_write_json(record_path(sweep_dir), record)
+            jobs = submit_missing(chosen, sweep_dir, max_parallel, pack, False)
+            _planner(sweep, sweep_dir, record, spec_path, max_parallel, pack, jobs)
+            return 0
+    runs, plans = next_round(sweep, sweep_dir, ids)
+    if not runs:
+        record = finish_record(sweep, sweep_dir, record)
+        _say_done(sweep, sweep_dir, record)
+        return 0
+    _record_round(sweep, sweep_dir, record, runs, plans)
+    chosen = dataclasses.replace(sweep, runs=[r for r in sweep.runs if r.id in planned_ids(record)])
+    jobs = submit_missing(chosen, sweep_dir, max_parallel, pack, False)
+    _planner(sweep, sweep_dir, record, spec_path, max_parallel, pack, jobs)
+    return 0
+
+
+def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_parallel: int, pack: bool,
+             after: list[str]) -> None:
+    """Submit the planner job (this command again, after `after` whatever their end), unless one is waiting."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from harness.core.errors import LaunchError
+    from harness.core.paths import REPO_ROOT
+
+    mine = os.environ.get("SLURM_JOB_ID")
+    alive = _alive([j for j in record.get("planners", []) if j != mine])
+    if alive:
+        print(f"search {sweep.name}: planner job {alive[0]} will plan the next round", flush=True)
+        return
+    slurm, logs = sweep.spec.slurm, state_dir(sweep_dir).resolve() / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "harness", "sweep", str(spec_path), "--executor", "slurm", "--sweep-dir",
+               str(sweep_dir.resolve()), "--max-parallel", str(max_parallel)] + ([] if pack else ["--no-pack"])
+    cmd = ["sbatch", "--parsable", f"--job-name=plan-{sweep.name}", f"--output={logs}/plan-%j.out", "--ntasks=1",
+           "--time=00:30:00", f"--chdir={Path.cwd()}", f"--export=ALL,PYTHONPATH={REPO_ROOT},{PLANNER_ENV}=1"]
+    cmd += [f"{flag}={value}" for flag, value in (("--partition", slurm.partition), ("--account", slurm.account))
+            if value is not None]
+    if after:
+        cmd.append("--dependency=afterany:" + ":".join(after))
+    cmd += ["--wrap", shlex.join(command)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise LaunchError("sbatch not found: the slurm executor needs SLURM's client commands on PATH; "
+                          "use --executor local here") from None
+    job = proc.stdout.strip().split(";")[0]
+    if proc.returncode != 0 or not job.isdigit():
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LaunchError(f"sbatch of the search's planner job failed (exit {proc.returncode}): "
+                          f"{msg[-1] if msg else 'no message'}; run the same command again when its arrays have ended")
+    record.setdefault("planners", []).append(job)
+    atomic_write_json(record_path(sweep_dir), record)
+    print(f"search {sweep.name}: planner job {job} plans round {len(record['rounds']) + 1} after "
+          f"{', '.join(after) or 'now'} (afterany)", flush=True)
+
+
+def _alive(jobs: list[str]) -> list[str]:
+    """The jobs of `jobs` that squeue still lists (pending or running)."""
+    import subprocess
+
+    if not jobs:
+        return []
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    return [j for j in proc.stdout.split() if j in jobs] if proc.returncode == 0 else []
