@@ -202,6 +202,7 @@ def search(tmp_path, digits, sweep_dir, **kwargs) -> int:
     return main(["sweep", str(spec(tmp_path, digits, **kwargs)), "--sweep-dir", str(sweep_dir), "--max-parallel", "1"])
 
 
+@pytest.mark.slow
 def test_a_real_search_selects_what_the_full_grid_selects_with_fewer_runs(tmp_path, digits_shards, capsys):
     assert search(tmp_path, digits_shards, tmp_path / "grid", search="grid", name="grid") == 0
     assert search(tmp_path, digits_shards, tmp_path / "adaptive") == 0
@@ -218,6 +219,7 @@ def test_a_real_search_selects_what_the_full_grid_selects_with_fewer_runs(tmp_pa
     assert f"skipped by the adaptive search (not missing): {len(a.skipped)} grid points" in report(a)
 
 
+@pytest.mark.slow
 def test_a_search_stopped_between_rounds_resumes_and_runs_nothing_twice(tmp_path, digits_shards, capsys):
     whole = tmp_path / "whole"
     assert search(tmp_path, digits_shards, whole) == 0

@@ -24,7 +24,7 @@ final training loss (the `train_loss` of result.json, lower is better); a rule f
    edge exactly as it would for the full grid), and every rate that can still be optimal has all its seeds.
    Confirming may move the optimum; the rules are evaluated again after every round.
 
-Stable, a group is *located* when rule 2 no longer fires (the next larger B may then start from its optimum).
+A group is *located* when rule 2 no longer fires (the next larger B may then start from its optimum).
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
-"""`search: adaptive` on the local executor: rounds of runs chosen by the rules of harness/sweep/adaptive.py, run
-back to back by the ordinary executor (harness/sweep/local.py) in one `harness sweep`, plus its accounting.
+"""`search: adaptive` on the executors: rounds of runs chosen by the rules of harness/sweep/adaptive.py, run by
+the ordinary executors, plus its accounting. Locally the rounds run back to back in one `harness sweep`
+(harness/sweep/local.py); on SLURM each round is job arrays (harness/sweep/slurm.py) and a small planner job
+(`--dependency=afterany` on them) runs the same command again, which plans and submits the next round.
 
-    SWEEP_DIR/.sweep/search.json    the rounds (the run ids each planned, and why), then, when the search stops,
-                                    the runs used and every grid point left out with why (analyze reads it)
+    SWEEP_DIR/.sweep/search.json    the rounds (the run ids each planned, and why), the planner jobs, then, when
+                                    the search stops, the runs used and every grid point left out with why
+                                    (analyze reads it)
+    SWEEP_DIR/.sweep/search.lock    held while a round is planned and submitted (SLURM: planner job or rerun)
 
 Resuming: a round is recorded before it runs, and the next one is planned only from finished runs once every run
 of the recorded rounds has finished. A rerun of the same command first finishes the recorded rounds (the runs
@@ -13,16 +17,22 @@ nothing runs twice. .sweep/runs.json lists only the runs planned so far.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
-from harness.core.errors import SweepError
+from harness.core import status as run_status
+from harness.core.errors import LaunchError, SweepError
 from harness.core.io import atomic_write_json, read_json
-from harness.core.status import DIVERGED
+from harness.core.paths import REPO_ROOT
 from harness.sweep.adaptive import Plan, Rules, plan_group, predicted_start, skip_reasons
 from harness.sweep.spec import LR_KEY, Run, Sweep
-from harness.sweep.state import hparams_of, result_of, state_dir
+from harness.sweep.state import hparams_of, is_finished, prepare, result_of, state_dir, status
 
 BATCH_KEY = "batch.global_batch_size"
 
@@ -59,12 +69,16 @@ def rules_of(sweep: Sweep) -> Rules:
 
 
 def _result(run: Run, sweep_dir: Path) -> Optional[tuple]:
+    """((test metric, train loss), higher is better) of a finished run; (None, None) for a diverged one."""
     r = result_of(run.dir(sweep_dir))
-    if r is None or r.get("status") not in ("completed", DIVERGED):
+    if not run_status.is_finished(r):
         return None
-    if r["status"] == DIVERGED:
+    if r["status"] == run_status.DIVERGED:
         return (None, None), r.get("higher_is_better", True)
-    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None  # noqa: E731
+
+    def finite(v):
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
     return (finite(r.get(r.get("test_metric"))), finite(r.get("train_loss"))), r.get("higher_is_better", True)
 
 
@@ -155,8 +169,7 @@ def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: bool, ver
         if ids:
             chosen = dataclasses.replace(sweep, runs=[r for r in sweep.runs if r.id in ids])
             run_sweep(chosen, sweep_dir, max_parallel, pack, verbose)
-            left = [r for r in chosen.runs if result_of(r.dir(sweep_dir)) is None
-                    or result_of(r.dir(sweep_dir)).get("status") not in ("completed", DIVERGED)]
+            left = [r for r in chosen.runs if not is_finished(r.dir(sweep_dir))]
             if left:
                 raise SweepError(f"sweep {sweep.name}: {len(left)} runs of the search's round {len(record['rounds'])} "
                                  "are not finished (held by another executor?); run the same command again when it ends")
@@ -198,19 +211,17 @@ def cost_range(sweep: Sweep, examples_of) -> tuple[int, int, float, float]:
     """(fewest runs, typical most runs, their training examples) of the adaptive search, per group: fewest =
     the window at `seeds` seeds plus the optimum's remaining seeds; typical most = two more rates (one widening
     each side) and three confirmed rates. Never more than the group's grid. `examples_of(run)`: steps * B."""
-    rules, lo = rules_of(sweep), [0, 0, 0.0, 0.0]
+    rules, total = rules_of(sweep), [0, 0, 0.0, 0.0]
     for g in groups_of(sweep):
         m, n = len(g.rates), len(g.seeds)
         s = min(rules.seeds, n)
         w = min(m, max(rules.window, 1 + 2 * rules.margin))
         fewest = min(m * n, w * s + (n - s))
         most = min(m * n, min(m, w + 2) * s + min(3, m) * (n - s))
-        per = sum(examples_of(r) for r in g.runs.values()) / len(g.runs)
-        lo[0] += fewest
-        lo[1] += most
-        lo[2] += fewest * per
-        lo[3] += most * per
-    return lo[0], lo[1], lo[2], lo[3]
+        per_run = sum(examples_of(r) for r in g.runs.values()) / len(g.runs)
+        for i, x in enumerate((fewest, most, fewest * per_run, most * per_run)):
+            total[i] += x
+    return total[0], total[1], total[2], total[3]
 
 
 # ---------------------------------------------------------------------------------------------- the SLURM executor
@@ -222,8 +233,6 @@ def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: 
     """One planning step on SLURM, run by `harness sweep --executor slurm` and by each planner job: submit the
     recorded round's missing runs, or plan and record the next round and submit it, as job arrays; then a small
     planner job (`--dependency=afterany` on those arrays) that runs this same command when they have ended."""
-    import fcntl
-
     sweep_dir = Path(sweep_dir)
     state_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
     with open(state_dir(sweep_dir) / "search.lock", "a") as lock:
@@ -232,10 +241,7 @@ def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: 
 
 
 def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: bool) -> int:
-    import os
-
     from harness.sweep.slurm import submit_missing
-    from harness.sweep.state import prepare, status
 
     record = read_record(sweep_dir)
     _check_known(sweep, sweep_dir, record)
@@ -275,14 +281,6 @@ def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: i
 def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_parallel: int, pack: bool,
              after: list[str]) -> None:
     """Submit the planner job (this command again, after `after` whatever their end), unless one is waiting."""
-    import os
-    import shlex
-    import subprocess
-    import sys
-
-    from harness.core.errors import LaunchError
-    from harness.core.paths import REPO_ROOT
-
     mine = os.environ.get("SLURM_JOB_ID")
     alive = _alive([j for j in record.get("planners", []) if j != mine])
     if alive:
@@ -317,8 +315,6 @@ def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_p
 
 def _alive(jobs: list[str]) -> list[str]:
     """The jobs of `jobs` that squeue still lists (pending or running)."""
-    import subprocess
-
     if not jobs:
         return []
     try:

@@ -132,6 +132,8 @@ class SweepSpec:
 
 # ---------------------------------------------------------------------------------------------- runs
 
+LR_KEY = "optim.effective_lr"  # the learning-rate axis an adaptive search searches (harness/sweep/adaptive.py)
+
 # Short labels for run directory names (TensorBoard shows them); other keys use their last part.
 LABELS = {"optim.name": "", "batch.global_batch_size": "B", "optim.effective_lr": "lr", "schedule.final_lr": "flr",
           "seed": "s", "budget.epochs": "ep", "budget.steps": "st", "model.norm": ""}
@@ -291,8 +293,6 @@ def check_adaptive(spec: SweepSpec, blocks: list[list[Axis]]) -> None:
         raise ConfigError(f"search: adaptive needs a seed axis with at least adaptive.seeds = {spec.adaptive.seeds} "
                           f"values (it has {have}); add `seed: {{range: N}}` to the grid or lower adaptive.seeds")
 
-
-LR_KEY = "optim.effective_lr"
 
 
 def check_data_paths(configs) -> None:
