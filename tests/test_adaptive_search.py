@@ -1,13 +1,16 @@
 """`search: adaptive`: the rules on synthetic results (pure functions), the spec option's checks, the dry-run's
-cost comparison, and real searches through the local executor: the same optima and error bars as the full grid,
-and a search stopped between rounds resumes without running anything twice."""
+cost comparison, and real searches through the local executor and on the test SLURM cluster: the same optima and
+error bars as the full grid, and a search stopped between rounds (or by SIGTERM) resumes without running
+anything twice."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from harness import cli
 from harness.recipe import selection
 from harness.sweep.adaptive import Rules, can_be_optimal, criterion, plan_group, predicted_start, skip_reasons
-from tests.conftest import harness_env, run_harness, write_config
+from tests.conftest import ROOT, harness_env, run_harness, write_config
 
 RULES = Rules(window=3, seeds=2, margin=1, k=2)
 
@@ -298,3 +301,26 @@ def test_slurm_chains_the_rounds_with_planner_jobs_resumes_after_a_kill_and_ends
     # Run again once it is done: it submits nothing.
     again = run_harness(*command, env=job_env).stdout
     assert "done after" in again and "submitted" not in again
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_search_and_the_same_command_resumes_it(tmp_path, digits_shards):
+    path, sweep_dir = spec(tmp_path, digits_shards), tmp_path / "stopped"
+    record = sweep_dir / ".sweep" / "search.json"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(path), "--sweep-dir", str(sweep_dir),
+                             "--max-parallel", "1"], cwd=ROOT, env=harness_env(OMP_NUM_THREADS=1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None and not (record.exists() and len(json.loads(record.read_text())["rounds"]) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate()[0]
+    assert proc.returncode in (0, -signal.SIGTERM), out  # stopped with its checkpoints, or killed while planning
+    assert not json.loads(record.read_text()).get("done"), out
+    assert search(tmp_path, digits_shards, sweep_dir) == 0
+    assert search(tmp_path, digits_shards, tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / ".sweep" / "search.json").read_text())
+    again = json.loads(record.read_text())
+    assert [r["runs"] for r in again["rounds"]] == [r["runs"] for r in whole["rounds"]]
+    finished = [json.loads(line)["id"] for line in (sweep_dir / ".sweep" / "history.jsonl").read_text().splitlines()
+                if json.loads(line)["status"] in ("completed", "diverged")]
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == whole["runs_used"]  # none ran twice
