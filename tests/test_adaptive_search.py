@@ -188,6 +188,8 @@ def test_dry_run_prints_the_full_and_the_adaptive_cost_side_by_side(tmp_path, di
         full = next(line for line in out.splitlines() if line.strip().startswith("full grid"))
         adaptive = next(line for line in out.splitlines() if line.strip().startswith("adaptive"))
         assert "60" in full and "GPU-hours" in full and "GPU-hours" in adaptive and "% of the grid" in adaptive
+        if search == "adaptive":  # the executor's tasks are those of the first round, not of the whole grid
+            assert "search: round 1 would run 6 runs" in out and "executor local: 1 tasks" in out
     assert "with `search: adaptive` in the spec" in out
 
 

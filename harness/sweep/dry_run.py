@@ -10,7 +10,7 @@ from harness.core.errors import SweepError
 from harness.recipe.budget import budget_rule_of
 from harness.sweep.cost import data_source, run_steps
 from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
-from harness.sweep.state import entry, state_dir, status
+from harness.sweep.state import entry, is_finished, state_dir, status
 from harness.sweep.tasks import group_tasks
 
 
@@ -55,6 +55,9 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
     unchecked = [r for r in runs if not r.model_checked]
     if unchecked:
         lines.append(f"warning: model keys not checked, this build cannot load them: {unchecked[0].model_note}")
+    if sweep.spec.search == "adaptive" and not unchecked:
+        runs, note = _search_runs(sweep, sweep_dir)  # what the search runs next, not the whole grid
+        lines.append(note)
     if (state_dir(sweep_dir) / "runs.json").exists() and not unchecked:
         entries = [entry(r, sweep.axis_keys) for r in runs]
         st = status(entries, sweep_dir)
@@ -114,3 +117,18 @@ def adaptive_applies(sweep) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def _search_runs(sweep, sweep_dir: Path) -> tuple[list, str]:
+    """The runs an adaptive search runs next: its recorded rounds' unfinished runs, else the next round's."""
+    from harness.sweep.search import next_round, planned_ids, read_record
+
+    record = read_record(sweep_dir)
+    ids = planned_ids(record)
+    if record.get("done"):
+        return [r for r in sweep.runs if r.id in ids], f"search: done after {len(record['rounds'])} rounds"
+    recorded = [r for r in sweep.runs if r.id in ids]
+    if recorded and not all(is_finished(r.dir(sweep_dir)) for r in recorded):
+        return recorded, f"search: round {len(record['rounds'])} recorded, not finished"
+    upcoming = [r for r, _ in next_round(sweep, sweep_dir, ids)[0]]
+    return recorded + upcoming, f"search: round {len(record['rounds']) + 1} would run {len(upcoming)} runs"
