@@ -16,6 +16,7 @@ nothing runs twice. .sweep/runs.json lists only the runs planned so far.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import math
@@ -173,11 +174,25 @@ def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: bool, ver
             if left:
                 raise SweepError(f"sweep {sweep.name}: {len(left)} runs of the search's round {len(record['rounds'])} "
                                  "are not finished (held by another executor?); run the same command again when it ends")
-        runs, plans = next_round(sweep, sweep_dir, ids)
-        if not runs:
-            _say_done(sweep, sweep_dir, finish_record(sweep, sweep_dir, record))
-            return 0
-        _record_round(sweep, sweep_dir, record, runs, plans)
+        with planning_lock(sweep_dir):
+            fresh = read_record(sweep_dir)
+            if planned_ids(fresh) != ids:  # another executor planned a round meanwhile: run that one
+                record = fresh
+                continue
+            runs, plans = next_round(sweep, sweep_dir, ids)
+            if not runs:
+                _say_done(sweep, sweep_dir, finish_record(sweep, sweep_dir, record))
+                return 0
+            _record_round(sweep, sweep_dir, record, runs, plans)
+
+
+@contextlib.contextmanager
+def planning_lock(sweep_dir: Path):
+    """Held while a round is planned and recorded (and, on SLURM, submitted): two executors, a planner job and
+    a rerun, never record the same round twice. flock(2): the kernel drops it with a killed holder."""
+    with open(state_dir(sweep_dir) / "search.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _check_known(sweep: Sweep, sweep_dir: Path, record: dict) -> None:
@@ -235,8 +250,7 @@ def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: 
     planner job (`--dependency=afterany` on those arrays) that runs this same command when they have ended."""
     sweep_dir = Path(sweep_dir)
     state_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
-    with open(state_dir(sweep_dir) / "search.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a planner job and a user's rerun never plan the same round twice
+    with planning_lock(sweep_dir):
         return _submit_step(sweep, sweep_dir, Path(spec_path).resolve(), max_parallel, pack)
 
 

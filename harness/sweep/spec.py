@@ -294,7 +294,6 @@ def check_adaptive(spec: SweepSpec, blocks: list[list[Axis]]) -> None:
                           f"values (it has {have}); add `seed: {{range: N}}` to the grid or lower adaptive.seeds")
 
 
-
 def check_data_paths(configs) -> None:
     """Every distinct (data.name, data.path) of these resolved configs is a shard directory of that kind, or one
     DataError (exit 4) before anything runs: a missing path fails every run alike, so say it once, not per run."""
