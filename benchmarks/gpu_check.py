@@ -97,6 +97,10 @@ def stop_and_resume(args, work: Path) -> dict:
     code1, out1 = sh([sys.executable, "-m", "harness", "train", config, "--run-dir", str(ref), *common], 300)
     resumed.mkdir(parents=True, exist_ok=True)
     (resumed / "STOP").touch()  # seen at the first step: checkpoint at step 1, exit 0
+    # Dated ahead: a STOP file older than the run counts as stale, left by a killed process, and is ignored
+    # (harness/train/signals.py); this one must count as written during the run.
+    ahead = time.time() + 3600
+    os.utime(resumed / "STOP", (ahead, ahead))
     code2, out2 = sh([sys.executable, "-m", "harness", "train", config, "--run-dir", str(resumed), *common], 300)
     stopped = not (resumed / "result.json").exists() and (resumed / "checkpoints" / "step-00000001.pt").exists()
     code3, out3 = sh([sys.executable, "-m", "harness", "train", config, "--run-dir", str(resumed), *common], 300)

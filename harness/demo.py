@@ -53,6 +53,7 @@ def cmd_demo(args) -> int:
     from harness.analysis.select import analyze
     from harness.core.keys import set_dotted
     from harness.sweep.local import duration, run_sweep
+    from harness.sweep.search import run_search
     from harness.sweep.spec import load_spec
 
     study = STUDIES[args.study]
@@ -66,7 +67,8 @@ def cmd_demo(args) -> int:
         set_dotted(r.config, "device", "cpu")
     sweep_dir = Path(args.sweep_dir or study.sweep_dir)
     print(f"demo: {sweep.spec.description.strip()}", flush=True)
-    run_sweep(sweep, sweep_dir, args.max_parallel or os.cpu_count() or 1, sweep.spec.executor.pack, False)
+    execute = run_search if sweep.spec.search == "adaptive" else run_sweep
+    execute(sweep, sweep_dir, args.max_parallel or os.cpu_count() or 1, sweep.spec.executor.pack, False)
     a = analyze(sweep_dir)
     out = sweep_dir / "analysis"
     tables.write_outputs(a, out)

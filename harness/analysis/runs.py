@@ -35,6 +35,7 @@ class Loaded:
     warnings: list[str] = field(default_factory=list)
     select: Optional[tuple[int, int]] = None  # k, n recorded with the runs (sweep.yaml, study.json)
     expected: int = 0  # runs listed in .sweep/runs.json
+    skipped: list = field(default_factory=list)  # grid points an adaptive search left out: {point, why}
 
 
 def load_runs(sweep_dir: Path, echo: Optional[Callable[[str], None]] = None) -> Loaded:
@@ -54,7 +55,8 @@ def load_runs(sweep_dir: Path, echo: Optional[Callable[[str], None]] = None) -> 
         raise SweepError(f"no usable {found} below {sweep_dir}: all {len(warn.lines)} were skipped (see the warnings "
                          "above); fix or remove them, or run `harness sweep SPEC` to rerun them")
     metric, higher = common_metric(records, sweep_dir)
-    return Loaded(records, metric, higher, layout, warn.lines, select, expected)
+    skipped = skipped_points(sweep_dir) if layout == "run directories" else []
+    return Loaded(records, metric, higher, layout, warn.lines, select, expected, skipped)
 
 
 def _load_run(run_dir: Path, sweep_dir: Path, warn: Warn) -> Optional[RunRecord]:
@@ -94,10 +96,21 @@ def title_of(sweep_dir: Path) -> str:
     """The figures' title: the spec's description from the sweep.yaml `harness sweep` wrote, else the name of the
     sweep directory."""
     try:
-        description = (yaml.safe_load((Path(sweep_dir) / "sweep.yaml").read_text()) or {}).get("description")
-    except (OSError, yaml.YAMLError, AttributeError):
+        description = (load_yaml_text((Path(sweep_dir) / "sweep.yaml").read_text()) or {}).get("description")
+    except (OSError, yaml.YAMLError, AttributeError, RecursionError):
         description = None
     return " ".join(description.split()) if isinstance(description, str) and description.strip() else Path(sweep_dir).name
+
+
+def skipped_points(sweep_dir: Path) -> list[dict]:
+    """The grid points a finished adaptive search left out, with why (.sweep/search.json, harness/sweep/search.py);
+    [] for a grid sweep or an unfinished search."""
+    path = Path(sweep_dir) / ".sweep" / "search.json"
+    try:
+        record = json.loads(path.read_text())
+        return [s for s in record.get("skipped", []) if isinstance(s.get("point"), dict)]
+    except (OSError, AttributeError, TypeError, json.JSONDecodeError, RecursionError):
+        return []
 
 
 def expected_runs(sweep_dir: Path) -> int:

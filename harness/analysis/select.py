@@ -44,6 +44,7 @@ class Cell:
     by_metric: Optional[Stats] = None
     by_loss: Optional[Stats] = None
     n_missing_train: int = 0  # completed runs without train_set_loss (--train-loss train_set)
+    n_skipped: int = 0  # seeds an adaptive search left out: this rate cannot be optimal (harness/sweep/adaptive.py)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)  # one line per skipped run directory or missing value
     layout: str = "run directories"
     records: list[RunRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # grid points an adaptive search left out, with why
 
     @property
     def extra_keys(self) -> list[str]:
@@ -145,6 +147,10 @@ def analyze(sweep_dir: Path, k: Optional[int] = None, n: Optional[int] = None, t
         g = tuple(r.config.get(key) for key in group_keys)
         lr = tuple(r.config.get(key) for key in lr_keys)
         cells.setdefault((g, lr), Cell(g, lr, [])).runs.append(r)
+    for point in loaded.skipped:  # seeds left out at rates that were run: not missing runs
+        key = (tuple(point["point"].get(k) for k in group_keys), tuple(point["point"].get(k) for k in lr_keys))
+        if key in cells:
+            cells[key].n_skipped += 1
     groups: dict[tuple, list[Cell]] = {}
     for (g, _), cell in sorted(cells.items(), key=lambda kv: (_sort_key(kv[0][0]), _sort_key(kv[0][1]))):
         cell_stats(cell, k, higher, train_loss)
@@ -152,12 +158,12 @@ def analyze(sweep_dir: Path, k: Optional[int] = None, n: Optional[int] = None, t
     rows = [_row(g, group_cells, higher, lr_keys, n) for g, group_cells in groups.items()]
     return Analysis(metric, higher, k, n, group_keys, lr_keys, rows, len(records),
                     sum(r.status == UNFINISHED for r in records), loaded.expected, train_loss, warnings,
-                    loaded.layout, records)
+                    loaded.layout, records, loaded.skipped)
 
 
 def _row(group: tuple, cells: list[Cell], higher: bool, lr_keys: list[str], n: int) -> Row:
     row = Row(group, cells, optimum(cells, "by_metric", higher, lr_keys), optimum(cells, "by_loss", False, lr_keys))
-    few = [c for c in cells if c.n_finished < n]
+    few = [c for c in cells if c.n_finished + c.n_skipped < n]
     if few:
         row.flags.append(f"{len(few)} of {len(cells)} lrs have fewer than n={n} finished runs")
     # Sec. 4: neither optimum nor its error bar may touch the grid's edge, whichever quantity selects it.

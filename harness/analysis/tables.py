@@ -122,7 +122,8 @@ def _notes(row: Row, opt: Optional[Optimum], n: int) -> str:
             notes.append(f"{c.n_missing_train} without train_set_loss")
     else:
         notes.append("no optimum")
-    others = sum(c.n_finished < n for c in row.cells if opt is None or c is not opt.cell)
+    # Seeds an adaptive search skipped are not missing: those rates cannot be optimal (harness/sweep/adaptive.py).
+    others = sum(c.n_finished + c.n_skipped < n for c in row.cells if opt is None or c is not opt.cell)
     if others:
         notes.append(f"{others} other lrs incomplete")
     return "; ".join(notes)
@@ -220,6 +221,10 @@ def report(a: Analysis) -> str:
     if a.layout != "run directories":
         head += f"; read from a {a.layout} layout"
     head += f"\nfinal training loss: {TRAIN_LOSS_TEXT[a.train_loss_source]}"
+    if a.skipped:
+        seeds = sum(x["why"].startswith("cannot be optimal") for x in a.skipped)
+        head += (f"\nskipped by the adaptive search (not missing): {len(a.skipped)} grid points, {len(a.skipped) - seeds} "
+                 f"outside the searched windows and {seeds} seeds of rates that cannot be optimal (why: .sweep/search.json)")
     skipped = sum(line.startswith("skipped ") for line in a.warnings)
     if skipped:
         head += f"\n{skipped} run directories skipped (one warning line each on stderr)"

@@ -52,6 +52,17 @@ def cmd_sweep(args) -> int:
     # Before any run directory or array job exists; finished runs need no data (a complete sweep resubmitted
     # after its data was moved still reports that nothing is left to run).
     check_data_paths(run.config for run in sweep.runs if not is_finished(run.dir(sweep_dir)))
+    if sweep.spec.search == "adaptive":
+        if args.executor == "slurm":
+            from harness.sweep.search import submit_search
+
+            if args.wait:
+                raise ConfigError("--wait with search: adaptive: the search's rounds go on in planner jobs after "
+                                  "sbatch returns; drop --wait and watch .sweep/search.json (done: true) or squeue")
+            return submit_search(sweep, sweep_dir, Path(args.spec), args.max_parallel or 16, pack)
+        from harness.sweep.search import run_search
+
+        return run_search(sweep, sweep_dir, args.max_parallel or os.cpu_count() or 1, pack, args.verbose)
     if args.executor == "slurm":
         from harness.sweep.slurm import submit_sweep
 

@@ -10,7 +10,7 @@ from harness.core.errors import SweepError
 from harness.recipe.budget import budget_rule_of
 from harness.sweep.cost import data_source, run_steps
 from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
-from harness.sweep.state import entry, state_dir, status
+from harness.sweep.state import entry, is_finished, state_dir, status
 from harness.sweep.tasks import group_tasks
 
 
@@ -50,9 +50,14 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
                      "(training only; evaluation not counted)")
     else:
         lines.append("cost: pass --throughput EXAMPLES_PER_S (one GPU's training throughput) for GPU-hours")
+    if adaptive_applies(sweep):
+        lines += adaptive_cost(sweep, total_examples, throughput)
     unchecked = [r for r in runs if not r.model_checked]
     if unchecked:
         lines.append(f"warning: model keys not checked, this build cannot load them: {unchecked[0].model_note}")
+    if sweep.spec.search == "adaptive" and not unchecked:
+        runs, note = _search_runs(sweep, sweep_dir)  # what the search runs next, not the whole grid
+        lines.append(note)
     if (state_dir(sweep_dir) / "runs.json").exists() and not unchecked:
         entries = [entry(r, sweep.axis_keys) for r in runs]
         st = status(entries, sweep_dir)
@@ -84,3 +89,46 @@ def _slurm_arrays(n_tasks: int, max_parallel: int, slurm) -> list[str]:
     shown = "; ".join(f"sbatch --array=0-{len(a) - 1}%{max_parallel}" for a in arrays[:3]) + ("; ..." if len(arrays) > 3 else "")
     return [f"executor slurm: {n_tasks} array tasks, at most {max_parallel} at once ({shown} slurm/sweep_array.sh ...); "
             f"{slurm.describe()}", f"  arrays: {describe_arrays(arrays, limits, max_parallel)}"]
+
+
+def adaptive_cost(sweep, grid_examples: int, throughput) -> list[str]:
+    """The full grid's cost beside the adaptive search's expected range (harness/sweep/search.py: cost_range)."""
+    from harness.sweep.search import cost_range
+
+    a = sweep.spec.adaptive
+    how = "search: adaptive" if sweep.spec.search == "adaptive" else "search: grid; with `search: adaptive` in the spec"
+    fewest, most, lo, hi = cost_range(sweep, lambda r: run_steps(r.config)[0] * r.config["batch"]["global_batch_size"])
+    hours = (lambda x: f", {x / throughput / 3600:,.1f} GPU-hours") if throughput else (lambda x: "")
+    return [f"{how} (window {a.window} rates, {a.seeds} seeds while locating, margin {a.margin} step(s)):",
+            f"  {'':14} {'runs':>13} {'examples':>31}",
+            f"  {'full grid':14} {len(sweep.runs):>13,} {grid_examples:>31,}{hours(grid_examples)}",
+            f"  {'adaptive':14} {f'{fewest:,}-{most:,}':>13} {f'{lo:,.0f}-{hi:,.0f}':>31}"
+            + (f", {lo / throughput / 3600:,.1f}-{hi / throughput / 3600:,.1f} GPU-hours" if throughput else "")
+            + f" (typical; {100 * fewest / len(sweep.runs):.0f}-{100 * most / len(sweep.runs):.0f}% of the grid, at most all of it)"]
+
+
+def adaptive_applies(sweep) -> bool:
+    """Whether the spec searches adaptively, or could (then --dry-run shows what it would save)."""
+    from harness.core.errors import ConfigError
+    from harness.sweep.spec import check_adaptive
+
+    try:
+        check_adaptive(sweep.spec, sweep.blocks)
+    except ConfigError:
+        return False
+    return True
+
+
+def _search_runs(sweep, sweep_dir: Path) -> tuple[list, str]:
+    """The runs an adaptive search runs next: its recorded rounds' unfinished runs, else the next round's."""
+    from harness.sweep.search import next_round, planned_ids, read_record
+
+    record = read_record(sweep_dir)
+    ids = planned_ids(record)
+    if record.get("done"):
+        return [r for r in sweep.runs if r.id in ids], f"search: done after {len(record['rounds'])} rounds"
+    recorded = [r for r in sweep.runs if r.id in ids]
+    if recorded and not all(is_finished(r.dir(sweep_dir)) for r in recorded):
+        return recorded, f"search: round {len(record['rounds'])} recorded, not finished"
+    upcoming = [r for r, _ in next_round(sweep, sweep_dir, ids)[0]]
+    return recorded + upcoming, f"search: round {len(record['rounds']) + 1} would run {len(upcoming)} runs"

@@ -137,6 +137,13 @@ def run_task_file(task_file: Path, index: int) -> list[Outcome]:
 
 def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> int:
     """Submit what is missing of a sweep (and not queued in an earlier array) as job arrays within SLURM's limits."""
+    submit_missing(sweep, sweep_dir, max_parallel, pack, wait)
+    return 0
+
+
+def submit_missing(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> list[str]:
+    """submit_sweep's work; returns the job ids of the arrays it submitted (the adaptive search's planner job
+    waits for them: harness/sweep/search.py)."""
     entries = prepare(sweep, sweep_dir)
     st = status(entries, sweep_dir)
     slurm = sweep.spec.slurm
@@ -146,7 +153,7 @@ def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bo
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:
-        return 0
+        return []
     limits = read_limits(slurm.extra_args)
     arrays = plan_arrays(len(tasks), limits)  # refuses, naming the limit, when even several arrays cannot fit
     print(f"sweep: {describe_arrays(arrays, limits, max_parallel)}", flush=True)
@@ -155,4 +162,4 @@ def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bo
     print(f"sweep {sweep.name}: {len(jobs)} job array(s), {len(tasks)} tasks; logs in {sweep_dir}/.sweep/slurm/; "
           f"watch: squeue -j {','.join(jobs)}; afterwards: harness analyze {sweep_dir} "
           "(run the same sweep command again to fill in what is missing)")
-    return 0
+    return jobs

@@ -97,6 +97,18 @@ class SlurmSpec:
 
 
 @dataclass
+class AdaptiveSpec:
+    """`adaptive:` of a spec with `search: adaptive`: the rounds' sizes (the rules: harness/sweep/adaptive.py)."""
+
+    window: int = positive(3)  # rates of the first window per (optimizer, B, other swept keys)
+    seeds: int = positive(2)  # seeds per rate while locating and widening (the first values of the seed axis)
+    margin: int = positive(1)  # grid steps the searched window must reach beyond the error bar on each side
+
+
+SEARCHES = ("grid", "adaptive")
+
+
+@dataclass
 class SweepSpec:
     base: Union[str, dict]
     grid: Union[dict, list[dict]]
@@ -106,6 +118,9 @@ class SweepSpec:
     constraints: list[str] = field(default_factory=list)
     budget_rule: Optional[Literal[BUDGET_RULES]] = None
     select: Selection = field(default_factory=Selection)
+    # grid: every grid point; adaptive: rounds that run only the rates that can be optimal (harness/sweep/adaptive.py)
+    search: Literal[SEARCHES] = "grid"
+    adaptive: AdaptiveSpec = field(default_factory=AdaptiveSpec)
     cost: CostSpec = field(default_factory=CostSpec)
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
@@ -116,6 +131,8 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
+LR_KEY = "optim.effective_lr"  # the learning-rate axis an adaptive search searches (harness/sweep/adaptive.py)
 
 # Short labels for run directory names (TensorBoard shows them); other keys use their last part.
 LABELS = {"optim.name": "", "batch.global_batch_size": "B", "optim.effective_lr": "lr", "schedule.final_lr": "flr",
@@ -254,7 +271,27 @@ def expand(spec: SweepSpec, spec_path: Optional[Path] = None, allow_unchecked_mo
         raise ConfigError(f"sweep {name}: the grid expands to no runs (constraints dropped {dropped})")
     sweep = Sweep(spec, name, spec_path, base, parsed_blocks, runs, dropped, duplicates)
     check_budget_rule(spec.budget_rule, runs)
+    if spec.search == "adaptive":
+        check_adaptive(spec, parsed_blocks)
     return sweep
+
+
+def check_adaptive(spec: SweepSpec, blocks: list[list[Axis]]) -> None:
+    """`search: adaptive` needs one grid mapping with one log2 learning-rate axis and a seed axis with enough seeds."""
+    fix = "or use search: grid"
+    if len(blocks) != 1:
+        raise ConfigError(f"search: adaptive needs one grid mapping, not a list of {len(blocks)}; merge them {fix}")
+    axes = {a.key: a for a in blocks[0]}
+    lr = axes.get(LR_KEY)
+    if lr is None or lr.log2 is None:
+        raise ConfigError(f"search: adaptive needs a log2 axis {LR_KEY}: {{log2: [lo, hi]}} in the grid {fix}")
+    if "schedule.final_lr" in axes and len(axes["schedule.final_lr"].values) > 1:
+        raise ConfigError(f"search: adaptive searches one learning-rate axis; schedule.final_lr is swept too {fix}")
+    seeds = axes.get("seed")
+    if seeds is None or len(seeds.values) < spec.adaptive.seeds:
+        have = len(seeds.values) if seeds else 0
+        raise ConfigError(f"search: adaptive needs a seed axis with at least adaptive.seeds = {spec.adaptive.seeds} "
+                          f"values (it has {have}); add `seed: {{range: N}}` to the grid or lower adaptive.seeds")
 
 
 def check_data_paths(configs) -> None:
