@@ -133,6 +133,24 @@ def tail(n: int):
     return lambda out: "...\n" + "\n".join(out.rstrip().splitlines()[-n:])
 
 
+PROGRESS = re.compile(r"^(harness: step \d+/\d+ |sweep [\w-]+: \d+/\d+ runs done, )")
+
+
+def thin_progress(out: str) -> str:
+    """The output with each run of progress lines (a run's `harness: step N/M`, a sweep's `N/M runs done`) cut to
+    its first and last line around a `...`: what a log shows, without ten lines of it in the docs."""
+    lines, kept, run = out.splitlines(), [], []
+    for line in [*lines, None]:
+        if line is not None and PROGRESS.match(line):
+            run.append(line)
+            continue
+        kept += run if len(run) <= 2 else [run[0], "...", run[-1]]
+        run = []
+        if line is not None:
+            kept.append(line)
+    return "\n".join(kept) + ("\n" if out.endswith("\n") else "")
+
+
 def from_line(prefix: str):
     """The output from the first line starting with PREFIX on (the report after a long sweep's start-up lines)."""
     def keep(out: str) -> str:
@@ -143,7 +161,7 @@ def from_line(prefix: str):
 
 
 def demo(work: Path) -> str:
-    body = commands_block("harness demo")(work)
+    body = commands_block("harness demo", keep=thin_progress)(work)
     shutil.copyfile(work / "runs/demo/analysis/batch_size.png", ROOT / "docs/demo_batch_size.png")
     return body
 
@@ -208,7 +226,7 @@ def help_block(*cmd: str):
 
 GENERATORS = {
     "quickstart-convert": commands_block("harness data convert digits - data/digits"),
-    "quickstart-train": commands_block("harness train yaml/digits_mlp.yaml --run-dir runs/one"),
+    "quickstart-train": commands_block("harness train yaml/digits_mlp.yaml --run-dir runs/one", keep=thin_progress),
     "quickstart-plan": commands_block("harness plan yaml/cifar10_wrn16_4.yaml --world-size 8"),
     "quickstart-demo": demo,
     "demo-ghost-bn": demo_ghost_bn,
