@@ -78,6 +78,6 @@ def test_cpu_sweep_trains_a_conv_net_one_by_one_and_packs_an_mlp(tmp_path, capsy
 
     mlp = spec(tmp_path, digits_shards, "digits", "{name: mlp, hidden: [16]}", "mlp")
     out = sweep(capsys, mlp, "--sweep-dir", tmp_path / "mlp")
-    assert "packing: mlp on cpu: packs (faster than one by one on cpu)" in out
+    assert "packing: mlp on cpu: packs (fully connected packs train faster than one by one on cpu)" in out
     assert "2 to run (1 tasks, 1 of them packs)" in out
     assert packed_runs(tmp_path / "mlp") == [2, 2]

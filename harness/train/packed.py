@@ -90,7 +90,9 @@ def pack_choice(config: dict, pack: Optional[bool], cuda_available: bool) -> tup
     model, device = config["model"]["name"], run_device(config, cuda_available)
     if device == "cpu" and model in CPU_UNPACKED_MODELS:
         return False, "packed conv nets train slower than one by one on cpu (--pack packs them anyway)"
-    return True, f"faster than one by one on {device}"
+    if device == "cpu":
+        return True, "fully connected packs train faster than one by one on cpu"
+    return True, f"every packable family packs on {device}"
 
 
 def unpackable_reason(config: dict) -> str:
