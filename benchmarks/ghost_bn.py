@@ -6,9 +6,10 @@ Input (B, C, H, W) = (512, 64, 16, 16) fp32 by default: 8 ghost groups of 64. Ea
 a backward of a fixed random upstream gradient (a `.sum()` probe would feed an expanded constant gradient
 instead of a real one), and gradient reset; warm-up first, then the median of `--repeats` runs, interleaving
 the two layers so that machine noise hits both alike. Printed for one thread and for torch's default thread
-count. The batched layer (models/ghost_bn.py, _LocalGroups) is built for GPUs: on a 2-core CPU it measured 1.94x
-(2026-12-02), where the per-group layer it replaced measured 1.08x. On a machine whose cores are oversubscribed, the multi-thread
-ratio mostly measures OpenMP barrier stalls (the ghost layer runs 8 groups, so 8x the parallel regions).
+count. The layer runs the implementation chosen for the device (models/ghost_bn.py, local_groups: per group on CPU,
+batched on CUDA), printed with the figures; `--implementation batched|per_group` forces one. Figures and how they
+were measured: docs/cpu_speed.md. On a machine whose cores are oversubscribed, the multi-thread ratio of the
+per-group path mostly measures OpenMP barrier stalls (8 groups: 8x the parallel regions of one nn.BatchNorm2d).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.ghost_bn import GhostBatchNorm2d  # noqa: E402
+from models.ghost_bn import GhostBatchNorm2d, implementation_for  # noqa: E402
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -41,12 +42,13 @@ def timed(layer, x, grad, sync) -> float:
     return time.perf_counter() - t0
 
 
-def measure(threads: int, b: int, c: int, size: int, repeats: int, warmup: int, device: str) -> tuple[float, float]:
+def measure(threads: int, b: int, c: int, size: int, repeats: int, warmup: int, device: str,
+            implementation: str = "auto") -> tuple[float, float]:
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, c, size, size, generator=gen).to(device).requires_grad_()
     grad = torch.randn(b, c, size, size, generator=gen).to(device)
-    ghost, plain = GhostBatchNorm2d(c, 64).to(device), nn.BatchNorm2d(c).to(device)
+    ghost, plain = GhostBatchNorm2d(c, 64, implementation=implementation).to(device), nn.BatchNorm2d(c).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fwd_bwd(ghost, x, grad)
@@ -66,13 +68,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--implementation", choices=["auto", "batched", "per_group"], default="auto",
+                   help="the ghost layer's local-groups implementation (default: the one chosen for the device)")
     args = p.parse_args()
     default_threads = torch.get_num_threads()
     print(f"ghost BN (groups of 64) vs nn.BatchNorm2d, fwd+bwd, input ({args.batch}, {args.channels}, "
           f"{args.size}, {args.size}) fp32 on {args.device}; median of {args.repeats} after {args.warmup} warm-up")
+    chosen = args.implementation
+    if chosen == "auto":
+        chosen = implementation_for(torch.device(args.device).type, torch.float32, torch.float32)
     for threads in sorted({1, default_threads}):
-        ghost, plain = measure(threads, args.batch, args.channels, args.size, args.repeats, args.warmup, args.device)
-        print(f"threads={threads:<3d} ghost {ghost * 1e3:8.3f} ms   BatchNorm2d {plain * 1e3:8.3f} ms   "
+        ghost, plain = measure(threads, args.batch, args.channels, args.size, args.repeats, args.warmup, args.device,
+                               args.implementation)
+        print(f"threads={threads:<3d} ghost ({chosen}) {ghost * 1e3:8.3f} ms   BatchNorm2d {plain * 1e3:8.3f} ms   "
               f"ratio {ghost / plain:.3f}")
 
 

@@ -3,7 +3,9 @@
 A pack (harness/train/packed.py) trains R runs that differ only in rate, seed, optimizer or weight decay as one
 batched model. This script times R runs trained one after another with `harness train` against the same R runs
 as one `train_pack`, both as marginal step times (the wall time of a long run minus a short one, over the extra
-steps: start-up, data loading and imports cancel), and prints images per second of each and their ratio.
+steps: start-up, data loading and imports cancel), and prints images per second of each, their ratio, and what the
+sweep executor does by default with such runs on this device (packs or not, harness.train.packed.pack_choice) with
+that choice's ratio to one by one (1.00 when it trains them one by one).
 
     python benchmarks/packed.py                          # MLP on digits (R = 32), WRN-10-1 on CIFAR-shaped data (R = 8),
                                                          # the ghost-BN demo's convnet on MNIST-1D (R = 10)
@@ -74,6 +76,15 @@ def measure(family: str, runs: int, device: torch.device, work: Path) -> tuple[f
     return runs * b / t_sep, runs * b / t_pack
 
 
+def default_choice(family: str, device: torch.device) -> tuple[bool, str]:
+    """What `harness sweep` does with such runs here unless told --pack / --no-pack (harness.train.packed.pack_choice)."""
+    from harness.train.packed import pack_choice
+
+    config = {"model": {"name": FAMILIES[family][1][0].split("=")[1]}, "data": {"name": FAMILIES[family][0]},
+              "optim": {}, "precision": "fp32", "backend": "ddp", "device": device.type}
+    return pack_choice(config, None, device.type == "cuda")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
@@ -88,8 +99,10 @@ def main() -> None:
     for family in args.families:
         runs = args.runs or FAMILIES[family][3]
         one, pack = measure(family, runs, device, work)
+        packs, why = default_choice(family, device)
         print(f"{family} (B = {FAMILIES[family][2]}, {runs} runs): one by one {one:,.0f} img/s, packed {pack:,.0f} img/s, "
-              f"packed / one by one {pack / one:.2f}", flush=True)
+              f"packed / one by one {pack / one:.2f}; the sweep executor's default on {device.type}: "
+              f"{'packs' if packs else 'one by one'} ({why}), {(pack / one if packs else 1.0):.2f}x one by one", flush=True)
 
 
 if __name__ == "__main__":

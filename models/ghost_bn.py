@@ -4,9 +4,11 @@ Training statistics come from fixed groups of G consecutive examples of the glob
 the micro-batch a rank happens to hold, so the normalization is the same at every layout. The batch
 plan (harness.recipe.batch_plan) guarantees one of two cases:
 
-- m >= G (m a multiple of G): every group lies inside one rank's micro-batch. All groups are normalized in one
-  batched computation (`_LocalGroups`: one reduction over a (groups, G, C, positions) view, no copy, no kernel
-  launch per group), with no communication at all.
+- m >= G (m a multiple of G): every group lies inside one rank's micro-batch, with no communication at all. On a
+  GPU all groups are normalized in one batched computation (`_LocalGroups`: one reduction over a (groups, G, C,
+  positions) view, no copy, no kernel launch per group); on CPU each group by torch's native batch-norm kernel
+  (`_PerGroupNative`), which is what makes ghost BN cost about one nn.BatchNorm2d there. `local_groups` picks one
+  by device and dtype; both are the same arithmetic (tests/test_ghost_bn.py: equal in fp64, also under vmap).
 - m < G (G a multiple of m): a group spans G/m consecutive ranks of the same micro-step. Each rank computes
   its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them and combine
   them exactly (Chan et al.'s pairwise formula); backward all-reduces the two per-channel sums the batch-norm
@@ -25,6 +27,8 @@ which tensors to reduce; every other model stays unaware of parallelism.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -144,13 +148,119 @@ def _per_example(t: torch.Tensor, g: int, like: torch.Tensor) -> torch.Tensor:
     return t.repeat_interleave(g, dim=0).view(-1, t.shape[1], *([1] * (like.dim() - 2)))
 
 
+class _PerGroupNative(torch.autograd.Function):
+    """CPU: one native batch-norm kernel per group of g consecutive examples, written straight into one output.
+
+    The batched `_LocalGroups` reduces over a strided (groups, g, C, positions) view and broadcasts per-example
+    scale tensors: right for a GPU (one launch per pass), but on CPU it runs about 2x nn.BatchNorm2d, where torch's
+    own CPU batch-norm kernels (vectorized per channel) on each contiguous group slice cost about what one
+    nn.BatchNorm2d over the whole batch does (benchmarks/ghost_bn.py). Same arithmetic as one F.batch_norm per
+    group (the implementation before the batched one), so it equals `_LocalGroups` to round-off
+    (tests/test_ghost_bn.py, fp64, forward and backward, alone and under vmap).
+
+    weight and bias are (P, C): P runs of a pack (1 outside vmap), whose groups follow each other in x, so group i
+    uses row i // (groups / P). The `vmap` rule folds the run dimension into the groups that way: a pack's forward
+    stays one loop of native kernels, with each run's own gamma and beta. Returns y and each group's (mean,
+    unbiased variance) (groups, C), as `_LocalGroups`, plus the kernels' saved mean and 1/std for backward.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, g: int, eps: float):
+        groups, c = x.shape[0] // g, x.shape[1]
+        per = groups // weight.shape[0]
+        y = torch.empty_like(x)  # the input's memory format: a group slice of it is contiguous in that format
+        # momentum 1: a kernel's "running" outputs are exactly its group's mean and unbiased variance.
+        stats = x.new_zeros(2, groups, c)
+        saved = x.new_empty(2, groups, c)
+        for i in range(groups):
+            part = slice(i * g, (i + 1) * g)
+            torch.ops.aten.native_batch_norm.out(x[part], weight[i // per], bias[i // per], stats[0, i], stats[1, i],
+                                                 True, 1.0, eps, out=y[part], save_mean=saved[0, i],
+                                                 save_invstd=saved[1, i])
+        return y, stats[0], stats[1], saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, g, eps = inputs
+        ctx.save_for_backward(x, weight, output[3])
+        ctx.g, ctx.eps = g, eps
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_saved):
+        x, weight, saved = ctx.saved_tensors
+        g = ctx.g
+        groups = x.shape[0] // g
+        per = groups // weight.shape[0]
+        grad_x = torch.empty_like(x)
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(weight)
+        part_w, part_b = torch.empty_like(weight[0]), torch.empty_like(weight[0])
+        for i in range(groups):
+            part = slice(i * g, (i + 1) * g)
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_y[part], x[part], weight[i // per], None, None, saved[0, i], saved[1, i], True, ctx.eps,
+                [True, True, True], out0=grad_x[part], out1=part_w, out2=part_b)
+            grad_w[i // per] += part_w
+            grad_b[i // per] += part_b
+        return grad_x, grad_w, grad_b, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, g: int, eps: float):
+        """R runs (torch.func.vmap, packed runs): (R, N, C, *) as R * N examples, run r's groups after run r - 1's."""
+        r = info.batch_size
+        x, weight, bias = (_runs_first(t, d, r) for t, d in zip((x, weight, bias), in_dims[:3]))
+        y, mean, var, saved = _PerGroupNative.apply(x, weight, bias, g, eps)
+        return ((y.view(r, -1, *y.shape[1:]), mean.view(r, -1, mean.shape[-1]), var.view(r, -1, var.shape[-1]),
+                 saved.view(2, r, -1, saved.shape[-1])), (0, 0, 0, 1))
+
+
+def _runs_first(t: torch.Tensor, dim, runs: int) -> torch.Tensor:
+    """A vmap rule's physical tensor with the run dimension first (expanded when not batched), the runs folded
+    into the leading dimension: (R * P, ...) for a logical (P, ...)."""
+    t = t.expand(runs, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(runs * t.shape[1], *t.shape[2:])
+
+
+# The implementation of the local groups (m >= G) for a device, its activations' and weights' dtypes.
+BATCHED, PER_GROUP = "batched", "per_group"
+
+
+@functools.lru_cache(maxsize=None)
+def implementation_for(device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    """per_group (`_PerGroupNative`) for CPU tensors in the weights' fp32 / fp64; batched (`_LocalGroups`) on every
+    other device (CUDA: one launch per pass whatever the number of groups) and for mixed precision (its fp32
+    statistics). Decided from attributes of the tensors, never their values (no host sync), once per combination."""
+    if device_type == "cpu" and dtype == weight_dtype and dtype in (torch.float32, torch.float64):
+        return PER_GROUP
+    return BATCHED
+
+
+def local_groups(x, weight, bias, g: int, eps: float, implementation: str = "auto"):
+    """Every group of g consecutive examples of x normalized on its own: (y, each group's mean, unbiased variance).
+    `implementation`: auto (by device, `implementation_for`), batched or per_group. Under torch.compile auto is
+    batched: that Function is written in plain torch operations for tracing, and inductor fuses its passes."""
+    if implementation == "auto":
+        implementation = BATCHED if torch.compiler.is_compiling() else implementation_for(x.device.type, x.dtype, weight.dtype)
+    if implementation == PER_GROUP:
+        y, mean, var, _ = _PerGroupNative.apply(x, weight.unsqueeze(0), bias.unsqueeze(0), g, eps)
+    else:
+        y, mean, var, _ = _LocalGroups.apply(x, weight, bias, g, eps)
+    return y, mean, var
+
+
 class GhostBatchNorm(nn.Module):
     """Batch norm over groups of `ghost_batch_size` consecutive examples; any input (N, C, *)."""
 
     normalizes = True  # a normalization layer: its gamma and beta may be exempt from weight decay (recipe.optim)
 
-    def __init__(self, num_features: int, ghost_batch_size: int = 64, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, ghost_batch_size: int = 64, eps: float = 1e-5, momentum: float = 0.1,
+                 implementation: str = "auto"):
         super().__init__()
+        if implementation not in ("auto", BATCHED, PER_GROUP):
+            raise ValueError(f"GhostBatchNorm implementation {implementation!r}: auto, {BATCHED} or {PER_GROUP}")
+        # Local groups (m >= G): auto picks by device (local_groups); batched / per_group force one (tests, benchmarks).
+        self.implementation = implementation
         self.num_features = num_features
         self.ghost_batch_size = ghost_batch_size
         self.eps = eps
@@ -178,7 +288,7 @@ class GhostBatchNorm(nn.Module):
                 f"GhostBatchNorm got {x.shape[0]} examples, not a multiple of ghost_batch_size={g}; "
                 "the batch plan should have prevented this"
             )
-        y, mean, var, _ = _LocalGroups.apply(x, self.weight, self.bias, g, self.eps)
+        y, mean, var = local_groups(x, self.weight, self.bias, g, self.eps, self.implementation)
         acc = self.stat_accumulator
         acc[: self.num_features] += mean.sum(0).to(acc.dtype)
         acc[self.num_features : -1] += var.sum(0).to(acc.dtype)

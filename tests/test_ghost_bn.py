@@ -124,3 +124,97 @@ def test_dropout_mask_follows_the_example_key():
     assert torch.equal(y, mask.double().float() * 2.0)
     layer.eval()
     assert torch.equal(layer(x), x)
+
+
+def _run_layer(implementation, x, gy, weight, bias):
+    """Forward and backward of a fresh fp64 layer: (y, dx, dgamma, dbeta, the running-statistic accumulator)."""
+    layer = GhostBatchNorm2d(x.shape[1], 64, implementation=implementation).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    xx = x.detach().clone().requires_grad_()
+    y = layer(xx)
+    y.backward(gy)
+    return y.detach(), xx.grad, layer.weight.grad, layer.bias.grad, layer.stat_accumulator.clone()
+
+
+@pytest.mark.parametrize("shape, memory_format", [
+    ((256, 5, 4, 4), torch.contiguous_format), ((256, 5, 4, 4), torch.channels_last), ((192, 7), None),
+    ((128, 3, 10), None)])
+def test_cpu_per_group_and_gpu_batched_implementations_are_equal(shape, memory_format):
+    """The CPU path (native kernels per group) and the GPU path (all groups batched) give the same output, input,
+    gamma and beta gradients and group statistics in fp64, whatever the layout of the input."""
+    torch.manual_seed(3)
+    x = (torch.randn(shape) * 3 + 2).double()
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    gy = torch.randn(shape, dtype=torch.float64)
+    weight, bias = torch.rand(shape[1]).double() + 0.5, torch.randn(shape[1]).double()
+    cpu, gpu = (_run_layer(impl, x, gy, weight, bias) for impl in ("per_group", "batched"))
+    for a, b in zip(cpu, gpu):
+        assert (a - b).abs().max() < 1e-12 * max(1.0, b.abs().max().item())
+    if memory_format is not None:
+        assert cpu[0].is_contiguous(memory_format=memory_format)
+
+
+def test_implementation_is_chosen_by_device_and_dtype():
+    from models.ghost_bn import implementation_for, local_groups
+
+    assert implementation_for("cpu", torch.float32, torch.float32) == "per_group"
+    assert implementation_for("cpu", torch.float64, torch.float64) == "per_group"
+    assert implementation_for("cpu", torch.bfloat16, torch.float32) == "batched"  # mixed precision: fp32 statistics
+    assert implementation_for("cuda", torch.float32, torch.float32) == "batched"  # the GPU path, unchanged
+    with pytest.raises(ValueError, match="auto, batched or per_group"):
+        GhostBatchNorm2d(4, 64, implementation="fast")
+    # bf16 activations on CPU (autocast) take the batched path and keep their dtype.
+    x = torch.randn(128, 4, 3, 3).bfloat16()
+    y, mean, var = local_groups(x, torch.ones(4), torch.zeros(4), 64, 1e-5)
+    assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32 and mean.shape == (2, 4)
+
+
+def test_implementations_are_equal_under_vmap_over_stacked_layers():
+    """Packed runs (torch.func.vmap over stacked parameters and buffers): the per-group path folds the runs into its
+    groups (its vmap rule); output, the gradients of the stacked gamma, beta and of the input, and the stacked
+    accumulators equal the batched path's in fp64."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(4)
+    x = torch.randn(3, 128, 5, 4, 4, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    got = []
+    for impl in ("per_group", "batched"):
+        torch.manual_seed(5)
+        layers = [GhostBatchNorm2d(5, 64, implementation=impl).double() for _ in range(3)]
+        for layer in layers:
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-1, 1)
+        params, buffers = stack_module_state(layers)
+        xx = x.clone().requires_grad_()
+        ys = vmap(lambda p, bf, xi: functional_call(layers[0], (p, bf), (xi,)))(params, buffers, xx)
+        ys.backward(gy)
+        got.append((ys.detach(), xx.grad, params["weight"].grad, params["bias"].grad, buffers["stat_accumulator"]))
+        if impl == "per_group":  # and each run is its own layer
+            for r, layer in enumerate(layers):
+                assert (ys[r] - layer(x[r])).abs().max() < 1e-13
+    for a, b in zip(*got):
+        assert (a - b).abs().max() < 1e-12 * max(1.0, b.abs().max().item())
+
+
+def test_compiled_layer_equals_the_eager_cpu_path():
+    """Under torch.compile the layer runs the batched Function (written for tracing); it equals the eager CPU path
+    (per group) in fp64, forward and backward. aot_eager: the same graph capture as inductor, without C++ builds."""
+    torch.manual_seed(6)
+    x = (torch.randn(128, 4, 3, 3) * 2 + 1).double()
+    gy = torch.randn_like(x)
+    weight, bias = torch.rand(4).double() + 0.5, torch.randn(4).double()
+    eager = _run_layer("auto", x, gy, weight, bias)
+    layer = GhostBatchNorm2d(4, 64).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    xx = x.clone().requires_grad_()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(xx)
+    y.backward(gy)
+    for a, b in zip((y.detach(), xx.grad, layer.weight.grad, layer.bias.grad, layer.stat_accumulator), eager):
+        assert (a - b).abs().max() < 1e-12 * max(1.0, b.abs().max().item())

@@ -21,7 +21,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--sweep-dir", help="where the run directories go (default runs/<spec name>)")
     p.add_argument("--throughput", type=float, help="examples/s of one GPU, for the GPU-hour estimate "
                                                     "(default: the spec's cost.examples_per_second_per_gpu)")
-    p.add_argument("--no-pack", action="store_true", help="train every run on its own, never as a batched pack")
+    packing = p.add_mutually_exclusive_group()
+    packing.add_argument("--pack", action="store_true",
+                         help="train every packable family in batched packs, on any device (default: where packing is "
+                              "faster: not the conv nets on CPU; the spec's executor.pack)")
+    packing.add_argument("--no-pack", action="store_true", help="train every run on its own, never as a batched pack")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the job array ends (sbatch --wait)")
     p.add_argument("-v", "--verbose", action="store_true", help="local: also print one line per finished run (status and test metric); failures always print")
     p.set_defaults(func=cmd_sweep)
@@ -40,7 +44,7 @@ def cmd_sweep(args) -> int:
     sweep = load_spec(args.spec, allow_unchecked_models=args.dry_run)
     sweep_dir = Path(args.sweep_dir or Path("runs") / sweep.name)
     require_directory(sweep_dir, "--sweep-dir")
-    pack = sweep.spec.executor.pack and not args.no_pack
+    pack = True if args.pack else False if args.no_pack else sweep.spec.executor.pack  # None: packed.pack_choice
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError("--max-parallel must be at least 1")
     if args.dry_run:

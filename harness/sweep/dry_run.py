@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from harness.core.errors import SweepError
 from harness.recipe.budget import budget_rule_of
 from harness.sweep.cost import data_source, run_steps
 from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
 from harness.sweep.state import entry, is_finished, state_dir, status
-from harness.sweep.tasks import group_tasks
+from harness.sweep.tasks import describe_packing, group_tasks
 
 
-def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bool, throughput) -> str:
+def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: Optional[bool], throughput) -> str:
     runs = sweep.runs
     lines = [f"sweep {sweep.name}" + (f" ({sweep.spec_path})" if sweep.spec_path else "") + f": {len(runs)} runs"
              + (f" ({sweep.dropped} grid points dropped by constraints)" if sweep.dropped else "")
@@ -69,10 +70,13 @@ def dry_run_report(sweep, sweep_dir: Path, executor: str, max_parallel, pack: bo
     if todo:
         if executor == "slurm":
             slurm = sweep.spec.slurm
-            tasks = group_tasks(todo, pack and not slurm.launched, sweep.spec.executor.pack_size, slurm.runs_per_task)
+            pack = False if slurm.launched else pack
+            tasks = group_tasks(todo, pack, sweep.spec.executor.pack_size, slurm.runs_per_task, slurm.requests_gpus)
             lines += _slurm_arrays(len(tasks), max_parallel or 16, slurm)
+            lines.append(describe_packing(todo, pack, slurm.requests_gpus))
         else:
             tasks = group_tasks(todo, pack, sweep.spec.executor.pack_size, 1)
+            lines.append(describe_packing(todo, pack))
             packs = sum(len(t) > 1 for t in tasks)
             lines.append(f"executor local: {len(tasks)} tasks ({packs} packs of up to {sweep.spec.executor.pack_size(runs[0].config['model']['name'])} runs) "
                          f"on {max_parallel or os.cpu_count()} workers")

@@ -29,7 +29,7 @@ from harness.core.status import COMPLETED, DIVERGED, INTERRUPTED
 from harness.core.threads import choose_threads
 from harness.sweep.locks import describe
 from harness.sweep.state import prepare, status
-from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
+from harness.sweep.tasks import Outcome, TaskSignals, describe_packing, execute_task, group_tasks
 
 _WORKER_SIGNALS: Optional[TaskSignals] = None
 _PARENT: Optional[int] = None  # the executor's pid, as it was when this worker started
@@ -226,7 +226,7 @@ def _stop_workers(futures, pids, run: LocalRun, collect) -> None:
                 collect(f.result())
 
 
-def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bool) -> int:
+def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: Optional[bool], verbose: bool) -> int:
     """Run what is missing of a sweep in a pool of `max_parallel` workers here, with a progress bar and a summary."""
     from tqdm import tqdm
 
@@ -240,6 +240,8 @@ def run_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bo
           + (f", {len(st.queued)} queued in SLURM arrays" if st.queued else "")
           + (f" ({len(tasks)} tasks, {packs} of them packs) on {min(max_parallel, max(1, len(tasks)))} worker(s)" if tasks else ""),
           flush=True)
+    if tasks:
+        print(f"sweep: {describe_packing(st.missing, pack)}", flush=True)
     for e, holder in st.running[:3]:
         print(f"sweep: {e['name']} is held by {describe(holder)}")
     if not tasks:

@@ -157,7 +157,7 @@ def finish_record(sweep: Sweep, sweep_dir: Path, record: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the local executor
 
-def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: bool, verbose: bool) -> int:
+def run_search(sweep: Sweep, sweep_dir: Path, max_parallel: int, pack: Optional[bool], verbose: bool) -> int:
     """Rounds back to back: finish the recorded rounds, plan the next from the results, until the rules stop."""
     from harness.sweep.local import run_sweep
 
@@ -244,7 +244,7 @@ def cost_range(sweep: Sweep, examples_of) -> tuple[int, int, float, float]:
 PLANNER_ENV = "HARNESS_SEARCH_PLANNER"  # set in the planner job: a round whose runs failed twice stops the chain
 
 
-def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: bool) -> int:
+def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: Optional[bool]) -> int:
     """One planning step on SLURM, run by `harness sweep --executor slurm` and by each planner job: submit the
     recorded round's missing runs, or plan and record the next round and submit it, as job arrays; then a small
     planner job (`--dependency=afterany` on those arrays) that runs this same command when they have ended."""
@@ -254,7 +254,7 @@ def submit_search(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: 
         return _submit_step(sweep, sweep_dir, Path(spec_path).resolve(), max_parallel, pack)
 
 
-def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: bool) -> int:
+def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: int, pack: Optional[bool]) -> int:
     from harness.sweep.slurm import submit_missing
 
     record = read_record(sweep_dir)
@@ -292,7 +292,7 @@ def _submit_step(sweep: Sweep, sweep_dir: Path, spec_path: Path, max_parallel: i
     return 0
 
 
-def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_parallel: int, pack: bool,
+def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_parallel: int, pack: Optional[bool],
              after: list[str]) -> None:
     """Submit the planner job (this command again, after `after` whatever their end), unless one is waiting."""
     mine = os.environ.get("SLURM_JOB_ID")
@@ -303,7 +303,7 @@ def _planner(sweep: Sweep, sweep_dir: Path, record: dict, spec_path: Path, max_p
     slurm, logs = sweep.spec.slurm, state_dir(sweep_dir).resolve() / "slurm"
     logs.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "harness", "sweep", str(spec_path), "--executor", "slurm", "--sweep-dir",
-               str(sweep_dir.resolve()), "--max-parallel", str(max_parallel)] + ([] if pack else ["--no-pack"])
+               str(sweep_dir.resolve()), "--max-parallel", str(max_parallel)] + {True: ["--pack"], False: ["--no-pack"], None: []}[pack]
     cmd = ["sbatch", "--parsable", f"--job-name=plan-{sweep.name}", f"--output={logs}/plan-%j.out", "--ntasks=1",
            "--time=00:30:00", f"--chdir={Path.cwd()}", f"--export=ALL,PYTHONPATH={REPO_ROOT},{PLANNER_ENV}=1"]
     cmd += [f"{flag}={value}" for flag, value in (("--partition", slurm.partition), ("--account", slurm.account))

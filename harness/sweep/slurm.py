@@ -16,14 +16,14 @@ from harness.core.io import atomic_write_json, read_json
 from harness.core.paths import REPO_ROOT
 from harness.sweep.slurm_limits import describe_arrays, plan_arrays, read_limits
 from harness.sweep.state import prepare, record_submission, state_dir, status
-from harness.sweep.tasks import Outcome, TaskSignals, execute_task, group_tasks
+from harness.sweep.tasks import Outcome, TaskSignals, describe_packing, execute_task, group_tasks
 
 
 def array_script() -> Path:
     return REPO_ROOT / "slurm" / "sweep_array.sh"
 
 
-def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: bool, launch: Optional[dict] = None,
+def write_task_file(sweep_dir: Path, tasks: list[list[dict]], pack: Optional[bool], launch: Optional[dict] = None,
                     part: int = 0) -> Path:
     """An array's task list (`part`: which array of this submission); `launch` ({"nproc_per_node": P or None}) when
     each run starts through python -m launch."""
@@ -92,7 +92,7 @@ def finish_sbatch(arrays: list[tuple[subprocess.Popen, str]]) -> None:
                          "their logs are in .sweep/slurm/ of the sweep directory; run the sweep again for what is missing")
 
 
-def submit_arrays(sweep_dir: Path, name: str, tasks: list[list[dict]], arrays: list[range], pack: bool,
+def submit_arrays(sweep_dir: Path, name: str, tasks: list[list[dict]], arrays: list[range], pack: Optional[bool],
                   launch: Optional[dict], max_parallel: int, slurm, wait: bool) -> list[str]:
     """Submit each array (its own task file), each after the one before, and record it in submitted.jsonl as
     soon as sbatch names it, so a parallel resubmission sees it; under `wait`, return when all have ended."""
@@ -135,7 +135,7 @@ def run_task_file(task_file: Path, index: int) -> list[Outcome]:
     return execute_task(Path(data["sweep_dir"]), tasks[index], data.get("pack", True), signals, data.get("launch"))
 
 
-def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: bool) -> int:
+def submit_sweep(sweep, sweep_dir: Path, max_parallel: int, pack: Optional[bool], wait: bool) -> int:
     """Submit what is missing of a sweep (and not queued in an earlier array) as job arrays within SLURM's limits."""
     submit_missing(sweep, sweep_dir, max_parallel, pack, wait)
     return 0
@@ -148,8 +148,9 @@ def submit_missing(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: 
     st = status(entries, sweep_dir)
     slurm = sweep.spec.slurm
     launch = launch_settings(slurm)
-    pack = pack and launch is None  # a launched run has processes of its own
-    tasks = group_tasks(st.missing, pack, sweep.spec.executor.pack_size, slurm.runs_per_task)
+    pack = pack if launch is None else False  # a launched run has processes of its own
+    # The tasks run on compute nodes: device auto is CUDA there when the tasks ask for GPUs.
+    tasks = group_tasks(st.missing, pack, sweep.spec.executor.pack_size, slurm.runs_per_task, slurm.requests_gpus)
     print(f"sweep {sweep.name}: {len(entries)} runs in {sweep_dir}: {len(st.finished)} finished, "
           f"{len(st.running)} running, {len(st.queued)} queued in earlier arrays, {len(st.missing)} to run", flush=True)
     if not tasks:
@@ -158,6 +159,7 @@ def submit_missing(sweep, sweep_dir: Path, max_parallel: int, pack: bool, wait: 
     arrays = plan_arrays(len(tasks), limits)  # refuses, naming the limit, when even several arrays cannot fit
     print(f"sweep: {describe_arrays(arrays, limits, max_parallel)}", flush=True)
     print(f"sweep: {slurm.describe()}", flush=True)
+    print(f"sweep: {describe_packing(st.missing, pack, slurm.requests_gpus)}", flush=True)
     jobs = submit_arrays(sweep_dir, sweep.name, tasks, arrays, pack, launch, max_parallel, slurm, wait)
     print(f"sweep {sweep.name}: {len(jobs)} job array(s), {len(tasks)} tasks; logs in {sweep_dir}/.sweep/slurm/; "
           f"watch: squeue -j {','.join(jobs)}; afterwards: harness analyze {sweep_dir} "

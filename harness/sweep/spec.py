@@ -45,8 +45,10 @@ class CostSpec:
 @dataclass
 class ExecutorSpec:
     # Train runs that differ only in lr / seed / weight decay / optimizer as one batched model on one device
-    # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder, the demo convnet). Results equal those run one by one.
-    pack: bool = True
+    # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder, the demo convnet). Results equal those
+    # run one by one. Unset: where packing is faster, by family and device (packed.pack_choice: on CPU the conv nets
+    # train one by one); true: every packable family (as --pack); false: never (as --no-pack).
+    pack: Optional[bool] = None
     # Runs per pack (unset: 128 for the MLP, 8 for the other families: a pack of 8 WRN-16-4 runs at B = 128
     # is one B = 1024 forward in memory). Lower it when a pack does not fit the device.
     max_pack_runs: Optional[int] = positive(None)
@@ -73,6 +75,12 @@ class SlurmSpec:
     # Unpackable runs per array task, trained one after another in one process (saves start-up).
     runs_per_task: int = positive(1)
     extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def requests_gpus(self) -> bool:
+        """Whether the array tasks ask SLURM for GPUs: a run with device auto then trains on CUDA (packing, pack_choice)."""
+        return bool(self.gpus_per_task or self.gpus_per_node) or any(
+            a.startswith(("--gres=gpu", "--gpus")) for a in self.extra_args)
 
     @property
     def launched(self) -> bool:

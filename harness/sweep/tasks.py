@@ -28,16 +28,25 @@ from harness.sweep.locks import RunLocks, describe
 from harness.sweep.state import is_finished, locks_for, result_of, state_dir
 
 
-def group_tasks(entries: list[dict], pack: bool, max_pack, runs_per_task: int) -> list[list[dict]]:
-    """Group runs into tasks: packs of runs that may train as one model (at most `max_pack`, a number or a
-    function of the model family), else `runs_per_task` per task.
-    Largest tasks first, so a pool of workers ends together."""
-    from harness.train.packed import pack_key
+def cuda_here() -> bool:
+    import torch
 
+    return torch.cuda.is_available()
+
+
+def group_tasks(entries: list[dict], pack: Optional[bool], max_pack, runs_per_task: int,
+                cuda_available: Optional[bool] = None) -> list[list[dict]]:
+    """Group runs into tasks: packs of runs that may train as one model (at most `max_pack`, a number or a
+    function of the model family), else `runs_per_task` per task. `pack`: True packs every packable run, False
+    none, None where packing is faster (packed.pack_choice: by family and device; `cuda_available`, default this
+    machine's, resolves device auto). Largest tasks first, so a pool of workers ends together."""
+    from harness.train.packed import pack_choice, pack_key
+
+    cuda = cuda_here() if cuda_available is None else cuda_available
     tasks, packs = [], {}
     singles = []
     for e in entries:
-        key = pack_key(e["config"]) if pack else None
+        key = pack_key(e["config"]) if pack_choice(e["config"], pack, cuda)[0] else None
         if key is None:
             singles.append(e)
         else:
@@ -47,6 +56,21 @@ def group_tasks(entries: list[dict], pack: bool, max_pack, runs_per_task: int) -
         tasks += [group[i:i + size] for i in range(0, len(group), size)]
     tasks += [singles[i:i + runs_per_task] for i in range(0, len(singles), runs_per_task)]
     return sorted(tasks, key=_task_cost, reverse=True)
+
+
+def describe_packing(entries: list[dict], pack: Optional[bool], cuda_available: Optional[bool] = None) -> str:
+    """One line for the start of a sweep: for each model family and device of the runs, whether they train in packs
+    and why (packed.pack_choice)."""
+    from harness.train.packed import pack_choice, run_device
+
+    cuda = cuda_here() if cuda_available is None else cuda_available
+    seen: dict = {}
+    for e in entries:
+        where = (e["config"]["model"]["name"], run_device(e["config"], cuda))
+        if where not in seen:
+            seen[where] = pack_choice(e["config"], pack, cuda)
+    return "packing: " + "; ".join(f"{model} on {device}: {'packs' if yes else 'one by one'} ({why})"
+                                   for (model, device), (yes, why) in seen.items())
 
 
 def _task_cost(task: list[dict]) -> float:
@@ -90,12 +114,12 @@ class TaskSignals:
             self.child.send_signal(signum)
 
 
-def execute_task(sweep_dir: Path, entries: list[dict], pack: bool = True, signals: Optional[TaskSignals] = None,
-                 launch: Optional[dict] = None) -> list[Outcome]:
-    """Run one task's runs: lock each, train (as a pack if possible), release. Runs train in THIS process,
-    unless `launch` is given ({"nproc_per_node": P or None}): then each starts through `python -m launch`
-    (several processes, several nodes inside a SLURM job) and this process waits for it."""
-    from harness.train.packed import pack_key
+def execute_task(sweep_dir: Path, entries: list[dict], pack: Optional[bool] = None,
+                 signals: Optional[TaskSignals] = None, launch: Optional[dict] = None) -> list[Outcome]:
+    """Run one task's runs: lock each, train (as a pack where `pack` allows, as group_tasks), release. Runs train
+    in THIS process, unless `launch` is given ({"nproc_per_node": P or None}): then each starts through
+    `python -m launch` (several processes, several nodes inside a SLURM job) and this process waits for it."""
+    from harness.train.packed import pack_choice, pack_key
 
     sweep_dir = Path(sweep_dir)
     stop = (lambda: signals.requested) if signals is not None else None
@@ -114,7 +138,7 @@ def execute_task(sweep_dir: Path, entries: list[dict], pack: bool = True, signal
         else:
             outcomes.append(Outcome(e["id"], e["name"], "locked", describe(holder)))
     try:
-        packable = pack and launch is None and len(mine) > 1 \
+        packable = launch is None and len(mine) > 1 and pack_choice(mine[0]["config"], pack, cuda_here())[0] \
             and len({pack_key(e["config"]) for e in mine} - {None}) == 1 and pack_key(mine[0]["config"]) is not None
         if launch is not None:
             for e in mine:

@@ -67,6 +67,35 @@ def pack_key(config: dict) -> Optional[str]:
     return json.dumps(rest, sort_keys=True)
 
 
+# Families whose packs train slower than the same runs one by one on a CPU. vmap turns a pack's R convolutions into
+# one grouped convolution, which torch's CPU kernels run slower than R plain ones, while R linear layers become one
+# batched product that they run much faster (benchmarks/packed.py on a 2-core CPU: WRN-10-1 0.56x, the demo convnet
+# 0.91x, the digits MLP 3.56x; docs/cpu_speed.md). The ResNet is a conv net too. On CUDA every packable family packs.
+CPU_UNPACKED_MODELS = ("wrn", "resnet", "convnet")
+
+
+def run_device(config: dict, cuda_available: bool) -> str:
+    """The device type a run trains on: its `device`, where auto is CUDA when there is one (distributed.setup)."""
+    device = config.get("device", "auto")
+    return ("cuda" if cuda_available else "cpu") if device == "auto" else device
+
+
+def pack_choice(config: dict, pack: Optional[bool], cuda_available: bool) -> tuple[bool, str]:
+    """Whether the sweep executor trains this run in a pack, and why. `pack`: True (--pack, spec executor.pack: true)
+    packs every packable run, False (--no-pack) none, None (the default) decides by family and device."""
+    why = unpackable_reason(config)
+    if why:
+        return False, why
+    if pack is not None:
+        return pack, "--pack" if pack else "--no-pack"
+    model, device = config["model"]["name"], run_device(config, cuda_available)
+    if device == "cpu" and model in CPU_UNPACKED_MODELS:
+        return False, "packed conv nets train slower than one by one on cpu (--pack packs them anyway)"
+    if device == "cpu":
+        return True, "fully connected packs train faster than one by one on cpu"
+    return True, f"every packable family packs on {device}"
+
+
 def unpackable_reason(config: dict) -> str:
     if config["model"]["name"] not in PACKABLE_MODELS:
         return f"model {config['model']['name']} is not packable (only {', '.join(PACKABLE_MODELS)})"
