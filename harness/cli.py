@@ -20,41 +20,14 @@ import threading
 import traceback
 from pathlib import Path
 
-from harness.core.errors import ConfigError, FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
+from harness.core.errors import FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
+from harness.core.cliargs import add_config_args, config_of
 from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
 
-class _SetAction(argparse.Action):
-    """`--set KEY=VALUE ...`. Its nargs='+' also takes a config file that follows it (`--set k=v CONFIG`), which
-    argparse cannot hand back to the positional: keep it aside as the config (config_of) instead of losing it."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *(v for v in values if "=" in v)])
-        for v in values:
-            if "=" in v:
-                continue
-            if getattr(namespace, "config_after_set", None):
-                raise argparse.ArgumentError(self, f"{v!r} is not KEY=VALUE (and the config file is "
-                                                   f"{namespace.config_after_set}); write overrides as KEY=VALUE")
-            namespace.config_after_set = v
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file (see yaml/); before or after --set")
-    p.add_argument("--set", dest="overrides", action=_SetAction, nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
-
-
-def config_of(args) -> str:
-    """The config file, given before --set (the positional) or after it (_SetAction)."""
-    after = getattr(args, "config_after_set", None)
-    if args.config and after:
-        raise ConfigError(f"two config files, {args.config} and {after}; give one (overrides are KEY=VALUE)")
-    if not (args.config or after):
-        raise ConfigError(f"no config file given; usage: harness {args.command} CONFIG [--set KEY=VALUE ...] "
-                          "(see yaml/ for examples)")
-    return args.config or after
+    add_config_args(p, "override config keys, e.g. --set optim.effective_lr=0.5 batch.global_batch_size=1024")
 
 
 def _load(args):

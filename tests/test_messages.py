@@ -150,3 +150,13 @@ def test_every_flag_and_argument_has_help_and_sweep_task_is_hidden(capsys):
     assert not missing, missing
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "SUPPRESS" not in out and "sweep-task" not in out and "train" in out
+
+
+def test_probe_takes_set_before_or_after_the_config(capsys, tmp_path):
+    """`probe --set k=v CONFIG` reads CONFIG as the config (argparse's nargs='+' used to swallow it)."""
+    missing = tmp_path / "no-data"
+    code, _, err = run(capsys, "probe", "--set", "seed=1", f"data.path={missing}", CONFIG, "--steps", "0")
+    line = one_error(err)
+    assert code == 4 and f"data path {missing} does not exist" in line, line  # the config was read: its data checked
+    code, _, err = run(capsys, "probe", "--branch", "runs/x", "--set", "seed=1", CONFIG)
+    assert code == 2 and "not a CONFIG, --set or --batch-sizes" in one_error(err)

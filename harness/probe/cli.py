@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
+from harness.core.cliargs import add_config_args, given_config
 from harness.core.errors import ConfigError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("probe", help="before you buy: the regime boundary (largest stable / optimal rate vs B, "
                                      "B_simple), or B_crit by branching from a checkpoint (--branch)")
-    p.add_argument("config", nargs="?", help="YAML run config to probe (see yaml/); not with --branch")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key of CONFIG")
+    add_config_args(p, "override config keys of CONFIG (before or after it); not with --branch")
     p.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
                    help="batch sizes to probe (default: B/4, B, 4B, 16B of the config)")
     p.add_argument("--steps", type=int, default=None,
@@ -40,8 +39,9 @@ def cmd_probe(args) -> int:
     parallel = args.max_parallel or os.cpu_count() or 1
     if parallel < 1:
         raise ConfigError("--max-parallel must be at least 1")
+    config = given_config(args)
     if args.branch:
-        if args.config or args.overrides or args.batch_sizes:
+        if config or args.overrides or args.batch_sizes:
             raise ConfigError("probe --branch takes RUN_DIR[:STEP] and the branching options, not a CONFIG, --set or "
                               "--batch-sizes: the branches inherit the trunk's config")
         from harness.probe.branch import run_branches
@@ -49,11 +49,11 @@ def cmd_probe(args) -> int:
         run_branches(args.branch, args.k, args.steps or 400, args.metric, args.target, args.tolerance,
                      args.eval_every, args.out, parallel, args.seeds or 3)
         return 0
-    if not args.config:
+    if not config:
         raise ConfigError("probe: give a CONFIG to probe, or --branch RUN_DIR[:STEP]")
     from harness.probe.probe import check_args, run_probe
 
     check_args(args.steps or 200, args.seeds or 1, args.batch_sizes)
-    run_probe(args.config, args.overrides, args.batch_sizes, args.steps or 200, args.lr_range, args.seeds or 1,
+    run_probe(config, args.overrides, args.batch_sizes, args.steps or 200, args.lr_range, args.seeds or 1,
               args.out, parallel)
     return 0
