@@ -220,6 +220,7 @@ def test_ddp_binds_each_rank_to_its_gpu(monkeypatch):
 
     made = []
     monkeypatch.setattr(engine, "DDP", lambda model, **kw: made.append(kw) or model)
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 1)  # no process group either: this rank is rank 1
     with FakeCuda():
         model = torch.nn.Linear(4, 2, device="cuda")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -254,3 +255,29 @@ def test_sweep_worker_initializer_and_launcher_count_the_gpus(monkeypatch):
             signal.signal(s, handler)
         local._WORKER_SIGNALS = None
     assert os.environ["LOCAL_RANK"] == "0" and pids == [os.getpid()]  # worker 2 of a pool on 2 GPUs: cuda:0
+
+
+def test_a_gpu_node_packs_the_conv_nets_a_cpu_node_trains_one_by_one(tmp_path):
+    """The sweep executor's pack decision reads torch.cuda.is_available() (harness/sweep/tasks.py cuda_here): on a
+    GPU node a device-auto conv-net sweep trains in packs, on this CPU one by one (tests/test_pack_choice.py)."""
+    from harness.sweep.spec import load_spec
+    from harness.sweep.state import entry
+    from harness.sweep.tasks import describe_packing, group_tasks
+    from tests.conftest import write_config
+
+    spec = write_config(tmp_path / "s.yaml", """
+name: s
+base:
+  model: {name: convnet}
+  data: {name: mnist1d, path: /nonexistent}
+  batch: {global_batch_size: 64}
+  budget: {steps: 3}
+grid:
+  optim.effective_lr: [0.05, 0.1, 0.2]
+""")
+    entries = [entry(r, []) for r in load_spec(spec, allow_unchecked_models=True).runs]
+    assert [len(t) for t in group_tasks(entries, None, 8, 1)] == [1, 1, 1]  # CPU: one by one
+    assert "convnet on cpu: one by one" in describe_packing(entries, None)
+    with FakeCuda():
+        assert [len(t) for t in group_tasks(entries, None, 8, 1)] == [3]  # one pack of the three rates
+        assert "convnet on cuda: packs" in describe_packing(entries, None)
