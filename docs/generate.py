@@ -85,7 +85,7 @@ def fenced(text: str, lang: str = "") -> str:
 
 
 def table_rows(text: str) -> list[str]:
-    """The Markdown table lines of a command's output: what the deterministic demo must reproduce exactly."""
+    """The Markdown table lines of a command's output (tests/test_docs.py compares them with the quoted ones)."""
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
