@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """A suite started in the background (`make test &`, nohup, some CI runners) inherits SIGINT ignored: Python
+    then keeps ignoring it, and so does every process the tests start, so Ctrl-C would reach no trainer and the
+    Ctrl-C tests would fail. Give the suite Python's own handler back: started processes then get the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def harness_env(**extra) -> dict:
