@@ -30,12 +30,17 @@ demo: venv
 demo-ghost-bn: venv
 	$(PY) -m harness demo --study ghost-bn
 
-test: venv
-	$(PY) -m pytest
+# The suite on every core: one pytest worker per core (pytest-xdist; TEST_WORKERS=0: in this one process). Tests
+# that share a module-scoped fixture stay on one worker, slow ones start first (tests/conftest.py).
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# Without the tests marked slow (launchers, SLURM, long runs): about 5 minutes instead of about 30.
+test: venv
+	$(PY) -m pytest $(PYTEST_PARALLEL)
+
+# Without the tests marked slow (launchers, SLURM, long runs).
 test-fast: venv
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 # The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 45 s.
 test-fake-cuda: venv

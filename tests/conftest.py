@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.core.threads import usable_cores
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,42 @@ def pytest_configure(config):
     Ctrl-C tests would fail. Give the suite Python's own handler back: started processes then get the default."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `make test` runs one pytest worker per core (pytest-xdist). Each worker trains in-process models on its share
+    # of the cores: torch's default (every core) would have the workers' OpenMP threads wait on each other at every
+    # barrier and burn CPU doing it (measured: the packed WRN test at 2.5x its CPU time). Processes the tests start
+    # choose their own threads (harness/core/threads.py, from the load) or get OMP_NUM_THREADS from the test.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, usable_cores() // workers))
+
+
+def _module_fixture(item) -> bool:
+    """Whether the test uses a module-scoped fixture (a reference run, the quick start, a trained checkpoint)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks (--dist loadgroup)
+def pytest_collection_modifyitems(session, config, items):
+    """How `make test` shares the suite among its workers (pytest-xdist, `--dist loadgroup`).
+
+    - The tests of a module that share a module-scoped fixture run on one worker, so the fixture (a reference run
+      that several tests compare against, the README's quick start) is computed once, as in a serial run.
+    - Slow tests first, the SLURM and process-fault tests (which mostly wait on daemons, timeouts and other
+      processes) first among them: the long ones start early and the short ones fill the gaps at the end, instead
+      of one long test starting last and running alone. The order within each tier is the collection order; no
+      test depends on another's having run.
+    """
+    for item in items:
+        if _module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+    def tier(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if ("slurm" in item.nodeid or "faults_process" in item.nodeid) else 1
+
+    items.sort(key=tier)  # stable
 
 
 def harness_env(**extra) -> dict:
