@@ -25,8 +25,8 @@ def pytest_configure(config):
     # `make test` runs one pytest worker per core (pytest-xdist). Each worker trains in-process models on its share
     # of the cores: torch's default (every core) would have the workers' OpenMP threads wait on each other at every
     # barrier and burn CPU doing it (measured: the packed WRN test, 49 s alone, took 127 CPU-seconds beside a second
-    # worker on 2 cores). Processes the tests start
-    # choose their own threads (harness/core/threads.py, from the load) or get OMP_NUM_THREADS from the test.
+    # worker on 2 cores). Processes the tests start choose their own threads (harness/core/threads.py, from the
+    # load) or get OMP_NUM_THREADS from the test.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, usable_cores() // workers))
