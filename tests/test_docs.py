@@ -83,8 +83,8 @@ LR = re.compile(r"^2\^(-?\d+) \(2\^(-?\d+) to 2\^(-?\d+)\)$")
 
 def same_within_noise(mine: str, theirs: str) -> bool:
     """One row of the demo's table as this machine prints it against the row the README quotes. The demo is
-    deterministic on one machine, but float32 kernels round differently on another CPU (AVX-512 vs AVX2 reduction
-    orders, seen here: 0.081 vs 0.082 loss), and training amplifies round-off. So the labels and run counts must
+    deterministic on one machine, but float32 kernels round differently on another CPU (other vector widths, other
+    reduction orders; seen on an AVX2-only AMD EPYC: 0.081 vs 0.082 loss), and training amplifies round-off. So the labels and run counts must
     match exactly, each `mean ± std` within twice the larger of the two stds (at least 1.5 units of the last
     printed digit), and each optimal learning rate (and its range) within one point of the log2 grid."""
     a, b = [c.strip() for c in mine.strip("|").split("|")], [c.strip() for c in theirs.strip("|").split("|")]
