@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness.core.threads import usable_cores
+from tests import forkrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,13 +45,17 @@ def pytest_collection_modifyitems(session, config, items):
 
     - The tests of a module that share a module-scoped fixture run on one worker, so the fixture (a reference run
       that several tests compare against, the README's quick start) is computed once, as in a serial run.
+    - The tests that submit to the SLURM test cluster run on one worker, so one cluster serves the whole run (a
+      session fixture is per worker): they mostly wait for jobs, whose processes do the work.
     - Slow tests first, the SLURM and process-fault tests (which mostly wait on daemons, timeouts and other
       processes) first among them: the long ones start early and the short ones fill the gaps at the end, instead
       of one long test starting last and running alone. The order within each tier is the collection order; no
       test depends on another's having run.
     """
     for item in items:
-        if _module_fixture(item):
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm_cluster"))
+        elif _module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
     def tier(item) -> int:
@@ -69,10 +74,19 @@ def harness_env(**extra) -> dict:
     return env
 
 
-def run_harness(*args, env=None, check=True, timeout=600, cwd=None) -> subprocess.CompletedProcess:
-    """`python -m harness ARGS` as a user would run it; returns the completed process."""
-    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          env=env or harness_env(), timeout=timeout, cwd=cwd or ROOT)
+def run_harness(*args, env=None, check=True, timeout=600, cwd=None, fresh=False) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` as a user would run it; returns the completed process.
+
+    The process is forked from a warm interpreter that has torch and the harness imported (tests/forkrun.py): the
+    same code from `harness/__main__.py` on, without the 4-5 CPU-seconds of start-up a fresh interpreter pays.
+    `fresh=True` (or HARNESS_TESTS_FORK=0) starts a new interpreter, for tests whose subject is the process itself."""
+    args = [str(a) for a in args]
+    env = env or harness_env()
+    if fresh or not forkrun.enabled():
+        proc = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=cwd or ROOT)
+    else:
+        proc = forkrun.run(args, env, cwd or ROOT, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
