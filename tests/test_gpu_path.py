@@ -100,15 +100,22 @@ def test_rng_state_restores_whatever_device_or_dtype_it_was_loaded_as(tmp_path):
     assert torch.equal(torch.rand(5), expected)
 
 
+@pytest.fixture(scope="module")
+def default_speed_run(tmp_path_factory, cifar_shards):
+    """The run with the default speed options, which each option's run is compared with (trained once)."""
+    run = tmp_path_factory.mktemp("speed") / "base"
+    return run, train(config(cifar_shards, 4, "precision=fp64"), run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("speed", [["speed.fused_optimizer=false"], ["speed.channels_last=true"], ["speed.compile=true"]])
-def test_speed_options_train_the_same_run(tmp_path, cifar_shards, speed):
+def test_speed_options_train_the_same_run(tmp_path, cifar_shards, speed, default_speed_run):
     """Foreach instead of fused SGD, channels_last and torch.compile change kernels, not the run: fp64 results
     agree with the default to round-off."""
-    base = train(config(cifar_shards, 4, "precision=fp64"), tmp_path / "base")
+    base_run, base = default_speed_run
     other = train(config(cifar_shards, 4, "precision=fp64", *speed), tmp_path / "other")
     assert abs(other["train_loss"] - base["train_loss"]) < 1e-10
     assert abs(other["test_accuracy"] - base["test_accuracy"]) < 1e-9
-    a = torch.load(tmp_path / "base" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    a = torch.load(base_run / "checkpoints" / "final.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "other" / "checkpoints" / "final.pt", weights_only=True)["model"]
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-10

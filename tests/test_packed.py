@@ -3,6 +3,8 @@
 import json
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,26 +113,39 @@ def family_config(shards, model, b, micro, opt, lr, seed, wd=5e-4, **extra):
             "eval": {"every_steps": 3}, "log": {"every_steps": 2, "progress": False, "tensorboard": False}, **extra}
 
 
+FAMILY_RUNS = [("momentum", 0.05, 0, 5e-4), ("sgd", 0.1, 1, 5e-4), ("momentum", 0.02, 1, 1e-3)]  # opt, lr, seed, wd
+
+
+@pytest.fixture(scope="module")
+def wrn_alone_runs(tmp_path_factory, cifar_shards) -> list[tuple[Path, dict]]:
+    """The WRN ghost-BN family's runs trained one by one (fp64 WRN runs are this module's most expensive part):
+    compared with the pack of them, and with the interrupted pack's runs, which are the first two of them."""
+    _, model, b, micro = FAMILIES["wrn-ghost-bn"]
+    tmp = tmp_path_factory.mktemp("wrn-alone")
+    return [(tmp / f"alone{i}", train(from_dict(family_config(cifar_shards, model, b, micro, *r)), tmp / f"alone{i}"))
+            for i, r in enumerate(FAMILY_RUNS)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_conv_nets_and_autoencoder_equal_separate_runs(family, tmp_path, request):
+def test_packed_conv_nets_and_autoencoder_equal_separate_runs(family, tmp_path, request, wrn_alone_runs):
     """Each family as a pack of three runs (two seeds, SGD and Momentum, two weight decays) equals the same
     runs trained one by one: final weights and BN statistics within 1e-10 in fp64, the same results and metrics."""
     fixture, model, b, micro = FAMILIES[family]
     shards = request.getfixturevalue(fixture)
-    runs = [("momentum", 0.05, 0, 5e-4), ("sgd", 0.1, 1, 5e-4), ("momentum", 0.02, 1, 1e-3)]
-    cfgs = [from_dict(family_config(shards, model, b, micro, *r)) for r in runs]
+    cfgs = [from_dict(family_config(shards, model, b, micro, *r)) for r in FAMILY_RUNS]
     results = train_pack(cfgs, [tmp_path / f"packed{i}" for i in range(3)])
     assert all(r["status"] == "completed" and r["packed_runs"] == 3 for r in results)
+    shared = wrn_alone_runs if family == "wrn-ghost-bn" else None
     for i, cfg in enumerate(cfgs):
-        ref = train(cfg, tmp_path / f"alone{i}")
+        alone, ref = shared[i] if shared else (tmp_path / f"alone{i}", train(cfg, tmp_path / f"alone{i}"))
         got = results[i]
         assert got["test_metric"] == ref["test_metric"] and got["steps"] == ref["steps"] == 6
         metric = ref["test_metric"]
         assert abs(got[metric] - ref[metric]) < 1e-8 and abs(got["train_loss"] - ref["train_loss"]) < 1e-10
-        assert max_abs_diff(final_state(tmp_path / f"packed{i}"), final_state(tmp_path / f"alone{i}")) < 1e-10
+        assert max_abs_diff(final_state(tmp_path / f"packed{i}"), final_state(alone)) < 1e-10
         mine = [json.loads(line) for line in (tmp_path / f"packed{i}" / "metrics.jsonl").read_text().splitlines()]
-        theirs = [json.loads(line) for line in (tmp_path / f"alone{i}" / "metrics.jsonl").read_text().splitlines()]
+        theirs = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines()]
         assert [sorted(m) for m in mine] == [sorted(t) for t in theirs]
         for m, t in zip(mine, theirs):
             for key, value in t.items():
@@ -139,14 +154,14 @@ def test_packed_conv_nets_and_autoencoder_equal_separate_runs(family, tmp_path, 
 
 
 @pytest.mark.slow
-def test_an_interrupted_pack_resumes_from_its_checkpoints_packed_or_alone(tmp_path, cifar_shards):
+def test_an_interrupted_pack_resumes_from_its_checkpoints_packed_or_alone(tmp_path, cifar_shards, wrn_alone_runs):
     """A pack stopped after step 4 checkpoints there (besides its periodic one at step 3) and resumes: packed, or as
     a plain `harness train` run
-    (the checkpoints are in the trainer's format); both end where an uninterrupted run ends (1e-10, fp64)."""
+    (the checkpoints are in the trainer's format); both end where an uninterrupted run ends (1e-10, fp64): the
+    family test's runs of the same configs (the checkpoint period does not change a trajectory)."""
     fixture, model, b, micro = FAMILIES["wrn-ghost-bn"]
-    runs = [("momentum", 0.05, 0, 5e-4), ("sgd", 0.1, 1, 5e-4)]
     cfgs = [from_dict(family_config(cifar_shards, model, b, micro, *r, checkpoint={"every_steps": 3}))
-            for r in runs]
+            for r in FAMILY_RUNS[:2]]
     dirs = [tmp_path / f"p{i}" for i in range(2)]
     calls = {"n": 0}
 
@@ -161,6 +176,5 @@ def test_an_interrupted_pack_resumes_from_its_checkpoints_packed_or_alone(tmp_pa
     alone = train(cfgs[1], dirs[1])  # the plain trainer, from the pack's checkpoint
     assert resumed[0]["status"] == alone["status"] == "completed"
     assert [s["from_step"] for s in alone["segments"]] == [0, 4]
-    for i, cfg in enumerate(cfgs):
-        train(cfg, tmp_path / f"ref{i}")
-        assert max_abs_diff(final_state(dirs[i]), final_state(tmp_path / f"ref{i}")) < 1e-10
+    for i, (ref, _) in enumerate(wrn_alone_runs[:2]):
+        assert max_abs_diff(final_state(dirs[i]), final_state(ref)) < 1e-10
