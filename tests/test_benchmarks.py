@@ -1,6 +1,7 @@
 """The GPU check and benchmark scripts run in their tiny CPU modes, so they work on the day a GPU is lent."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ def test_gpu_benchmark_tiny_mode_writes_every_figure(tmp_path):
     report = json.loads(out.read_text())
     assert not [k for k in report if k.endswith("_error")], report
     assert report["wrn16_4"]["b64_pack8_images_per_second"] > 0 and report["resnet50"]["eager_images_per_second"] > 0
-    assert report["jpeg"]["cpu_decode_images_per_second"] > 0 and report["overhead"]["ratio"] > 0
+    # The overhead is a difference of two runs' wall times: tiny mode's 3 extra steps can come out negative on a
+    # loaded machine (seen: -0.64). Tiny mode checks that every figure is produced, not what it measures.
+    assert report["jpeg"]["cpu_decode_images_per_second"] > 0 and math.isfinite(report["overhead"]["ratio"])
     assert report["ghost_bn"]["ratio"] > 0
 
 
