@@ -172,11 +172,13 @@ class _PerGroupNative(torch.autograd.Function):
         # momentum 1: a kernel's "running" outputs are exactly its group's mean and unbiased variance.
         stats = x.new_zeros(2, groups, c)
         saved = x.new_empty(2, groups, c)
+        # Every view the loop needs, made in a few calls (split / unbind), not several indexing calls per group.
+        xs, ys, ws, bs = x.split(g), y.split(g), weight.unbind(0), bias.unbind(0)
+        means, variances, save_means, save_invstds = (t.unbind(0) for t in (*stats, *saved))
+        batch_norm = torch.ops.aten.native_batch_norm.out  # a CPU kernel that writes into `out` itself
         for i in range(groups):
-            part = slice(i * g, (i + 1) * g)
-            torch.ops.aten.native_batch_norm.out(x[part], weight[i // per], bias[i // per], stats[0, i], stats[1, i],
-                                                 True, 1.0, eps, out=y[part], save_mean=saved[0, i],
-                                                 save_invstd=saved[1, i])
+            batch_norm(xs[i], ws[i // per], bs[i // per], means[i], variances[i], True, 1.0, eps, out=ys[i],
+                       save_mean=save_means[i], save_invstd=save_invstds[i])
         return y, stats[0], stats[1], saved
 
     @staticmethod
@@ -190,19 +192,20 @@ class _PerGroupNative(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_saved):
         x, weight, saved = ctx.saved_tensors
-        g = ctx.g
+        g, eps = ctx.g, ctx.eps
         groups = x.shape[0] // g
         per = groups // weight.shape[0]
-        grad_x = torch.empty_like(x)
-        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(weight)
-        part_w, part_b = torch.empty_like(weight[0]), torch.empty_like(weight[0])
-        for i in range(groups):
-            part = slice(i * g, (i + 1) * g)
-            torch.ops.aten.native_batch_norm_backward.out(
-                grad_y[part], x[part], weight[i // per], None, None, saved[0, i], saved[1, i], True, ctx.eps,
-                [True, True, True], out0=grad_x[part], out1=part_w, out2=part_b)
-            grad_w[i // per] += part_w
-            grad_b[i // per] += part_b
+        # The functional kernel, one group at a time, then one concatenation. (Its `.out` form is no CPU kernel but
+        # a wrapper that computes into a new tensor and copies it: three copies per group instead of one per pass.)
+        backward = torch.ops.aten.native_batch_norm_backward
+        xs, dys, ws = x.split(g), grad_y.split(g), weight.unbind(0)
+        save_means, save_invstds = saved[0].unbind(0), saved[1].unbind(0)
+        parts = [backward(dys[i], xs[i], ws[i // per], None, None, save_means[i], save_invstds[i], True, eps,
+                          [True, True, True]) for i in range(groups)]
+        grad_x = torch.cat([p[0] for p in parts]).contiguous(memory_format=_memory_format(x))
+        # Each run's gamma and beta gradients: the sums over its `per` consecutive groups.
+        grad_w = torch.stack([p[1] for p in parts]).view(weight.shape[0], per, -1).sum(1)
+        grad_b = torch.stack([p[2] for p in parts]).view(weight.shape[0], per, -1).sum(1)
         return grad_x, grad_w, grad_b, None, None
 
     @staticmethod
@@ -213,6 +216,11 @@ class _PerGroupNative(torch.autograd.Function):
         y, mean, var, saved = _PerGroupNative.apply(x, weight, bias, g, eps)
         return ((y.view(r, -1, *y.shape[1:]), mean.view(r, -1, mean.shape[-1]), var.view(r, -1, var.shape[-1]),
                  saved.view(2, r, -1, saved.shape[-1])), (0, 0, 0, 1))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
 
 
 def _runs_first(t: torch.Tensor, dim, runs: int) -> torch.Tensor:
