@@ -41,13 +41,35 @@ def enabled() -> bool:
     return os.environ.get("HARNESS_TESTS_FORK", "1") != "0"
 
 
+# Read by OpenMP and MKL when torch loads them, i.e. in the forkserver: a child applies the test's own value instead.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _context():
     global _CONTEXT
     if _CONTEXT is None:
+        from multiprocessing import forkserver
+
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
+        # The forkserver starts with this process's environment: without thread variables, so that torch keeps its
+        # own default thread count there, as a fresh process without them would.
+        saved = {k: os.environ.pop(k) for k in THREAD_VARIABLES if k in os.environ}
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.update(saved)
         _CONTEXT = ctx
     return _CONTEXT
+
+
+def _apply_thread_variables(env: dict) -> None:
+    """What a fresh interpreter does with OMP_NUM_THREADS at start: torch's intra-op threads follow it."""
+    n = env.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
 
 
 def _exit_code(code) -> int:
@@ -69,6 +91,7 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
         os.close(f)
     os.environ.clear()
     os.environ.update(env)
+    _apply_thread_variables(env)
     os.chdir(cwd)
     sys.argv = [str(Path(__file__).resolve().parent.parent / "harness" / "__main__.py"), *args]
     code = 0

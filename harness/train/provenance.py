@@ -60,6 +60,7 @@ def environment(env, plan) -> dict:
         "world_size": env.world_size,
         "local_rank": env.local_rank,
         "layout": plan.as_dict(),
+        "intra_op_threads": torch.get_num_threads(),  # the reduction order of CPU kernels, hence a run's last bits
         "slurm": slurm_info(),
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
