@@ -259,7 +259,7 @@ def test_sweep_worker_initializer_and_launcher_count_the_gpus(monkeypatch):
 
 def test_a_gpu_node_packs_the_conv_nets_a_cpu_node_trains_one_by_one(tmp_path):
     """The sweep executor's pack decision reads torch.cuda.is_available() (harness/sweep/tasks.py cuda_here): on a
-    GPU node a device-auto conv-net sweep trains in packs, on this CPU one by one (tests/test_pack_choice.py)."""
+    GPU node a device-auto 2-D conv-net sweep trains in packs, on this CPU one by one (tests/test_pack_choice.py)."""
     from harness.sweep.spec import load_spec
     from harness.sweep.state import entry
     from harness.sweep.tasks import describe_packing, group_tasks
@@ -268,8 +268,8 @@ def test_a_gpu_node_packs_the_conv_nets_a_cpu_node_trains_one_by_one(tmp_path):
     spec = write_config(tmp_path / "s.yaml", """
 name: s
 base:
-  model: {name: convnet}
-  data: {name: mnist1d, path: /nonexistent}
+  model: {name: wrn, depth: 10, width: 1}
+  data: {name: cifar10, path: /nonexistent}
   batch: {global_batch_size: 64}
   budget: {steps: 3}
 grid:
@@ -277,7 +277,7 @@ grid:
 """)
     entries = [entry(r, []) for r in load_spec(spec, allow_unchecked_models=True).runs]
     assert [len(t) for t in group_tasks(entries, None, 8, 1)] == [1, 1, 1]  # CPU: one by one
-    assert "convnet on cpu: one by one" in describe_packing(entries, None)
+    assert "wrn on cpu: one by one" in describe_packing(entries, None)
     with FakeCuda():
         assert [len(t) for t in group_tasks(entries, None, 8, 1)] == [3]  # one pack of the three rates
-        assert "convnet on cuda: packs" in describe_packing(entries, None)
+        assert "wrn on cuda: packs" in describe_packing(entries, None)

@@ -17,8 +17,8 @@ def cfg(model: str, device: str = "auto", **extra) -> dict:
 
 @pytest.mark.parametrize("model", PACKABLE_MODELS)
 def test_pack_choice_by_family_and_device(model):
-    conv = model in ("wrn", "resnet", "convnet")
-    # Default: on CPU the conv nets train one by one (their packs are slower there), everything else packs.
+    conv = model in ("wrn", "resnet")
+    # Default: on CPU the 2-D conv nets train one by one (their packs are slower there), everything else packs.
     assert pack_choice(cfg(model, "cpu"), None, cuda_available=True)[0] is not conv
     assert pack_choice(cfg(model), None, cuda_available=False)[0] is not conv  # auto without CUDA: the CPU
     assert pack_choice(cfg(model), None, cuda_available=True)[0]  # auto with CUDA: every family packs
@@ -64,17 +64,26 @@ def packed_runs(sweep_dir) -> list:
 
 
 @pytest.mark.slow
-def test_cpu_sweep_trains_a_conv_net_one_by_one_and_packs_an_mlp(tmp_path, capsys, mnist1d_shards, digits_shards):
-    """Through the real local executor (in this process, one worker): the convnet's two runs train one by one, the
-    MLP's two as one pack; each sweep says so once at its start; --pack packs the convnet's runs after all."""
+def test_cpu_sweep_trains_a_2d_conv_net_one_by_one_and_packs_the_convnet_and_an_mlp(tmp_path, capsys, cifar_shards,
+                                                                                    mnist1d_shards, digits_shards):
+    """Through the real local executor (in this process, one worker): the WRN's two runs train one by one, the 1-D
+    convnet's two and the MLP's two each as one pack; each sweep says so once at its start; --pack packs the WRN's
+    runs after all."""
+    wrn = spec(tmp_path, cifar_shards, "cifar10", "{name: wrn, depth: 10, width: 1, ghost_batch_size: 32}", "wrn")
+    out = sweep(capsys, wrn, "--sweep-dir", tmp_path / "wrn")
+    assert out.count("packing:") == 1
+    assert "packing: wrn on cpu: one by one (packed 2-D conv nets train slower than one by one on cpu" in out
+    assert "2 to run (2 tasks, 0 of them packs)" in out
+    assert packed_runs(tmp_path / "wrn") == [None, None]
+    forced = sweep(capsys, wrn, "--sweep-dir", tmp_path / "forced", "--pack", "--dry-run")
+    assert "packing: wrn on cpu: packs (--pack)" in forced and "1 tasks (1 packs" in forced
+
     conv = spec(tmp_path, mnist1d_shards, "mnist1d", "{name: convnet, channels: [4, 4, 4], ghost_batch_size: 16}", "conv")
     out = sweep(capsys, conv, "--sweep-dir", tmp_path / "conv")
     assert out.count("packing:") == 1
-    assert "packing: convnet on cpu: one by one (packed conv nets train slower than one by one on cpu" in out
-    assert "2 to run (2 tasks, 0 of them packs)" in out
-    assert packed_runs(tmp_path / "conv") == [None, None]
-    forced = sweep(capsys, conv, "--sweep-dir", tmp_path / "forced", "--pack", "--dry-run")
-    assert "packing: convnet on cpu: packs (--pack)" in forced and "1 tasks (1 packs" in forced
+    assert "packing: convnet on cpu: packs (1-D conv net packs train faster than one by one on cpu)" in out
+    assert "2 to run (1 tasks, 1 of them packs)" in out
+    assert packed_runs(tmp_path / "conv") == [2, 2]
 
     mlp = spec(tmp_path, digits_shards, "digits", "{name: mlp, hidden: [16]}", "mlp")
     out = sweep(capsys, mlp, "--sweep-dir", tmp_path / "mlp")

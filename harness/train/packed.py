@@ -67,11 +67,12 @@ def pack_key(config: dict) -> Optional[str]:
     return json.dumps(rest, sort_keys=True)
 
 
-# Families whose packs train slower than the same runs one by one on a CPU. vmap turns a pack's R convolutions into
-# one grouped convolution, which torch's CPU kernels run slower than R plain ones, while R linear layers become one
-# batched product that they run much faster (benchmarks/packed.py on a 2-core CPU: WRN-10-1 0.56x, the demo convnet
-# 0.91x, the digits MLP 3.56x; docs/cpu_speed.md). The ResNet is a conv net too. On CUDA every packable family packs.
-CPU_UNPACKED_MODELS = ("wrn", "resnet", "convnet")
+# Families whose packs train slower than the same runs one by one on a CPU. vmap turns a pack's R 2-D convolutions
+# into one grouped convolution, which torch's CPU kernels run slower than R plain ones, while R linear layers become
+# one batched product that they run much faster, and so do the small 1-D convolutions of the demo's convnet
+# (benchmarks/packed.py on quiet cores of a 2-core CPU: WRN-10-1 0.35x, the demo convnet 1.96x, the digits MLP 3.56x
+# or more; docs/cpu_speed.md). The ResNet is a 2-D conv net too. On CUDA every packable family packs.
+CPU_UNPACKED_MODELS = ("wrn", "resnet")
 
 
 def run_device(config: dict, cuda_available: bool) -> str:
@@ -90,9 +91,10 @@ def pack_choice(config: dict, pack: Optional[bool], cuda_available: bool) -> tup
         return pack, "--pack" if pack else "--no-pack"
     model, device = config["model"]["name"], run_device(config, cuda_available)
     if device == "cpu" and model in CPU_UNPACKED_MODELS:
-        return False, "packed conv nets train slower than one by one on cpu (--pack packs them anyway)"
+        return False, "packed 2-D conv nets train slower than one by one on cpu (--pack packs them anyway)"
     if device == "cpu":
-        return True, "fully connected packs train faster than one by one on cpu"
+        kind = "1-D conv net" if model == "convnet" else "fully connected"
+        return True, f"{kind} packs train faster than one by one on cpu"
     return True, f"every packable family packs on {device}"
 
 
