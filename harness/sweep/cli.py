@@ -24,7 +24,7 @@ def add_parsers(sub) -> None:
     packing = p.add_mutually_exclusive_group()
     packing.add_argument("--pack", action="store_true",
                          help="train every packable family in batched packs, on any device (default: where packing is "
-                              "faster: not the conv nets on CPU; the spec's executor.pack)")
+                              "faster: not the 2-D conv nets, wrn and resnet, on CPU; the spec's executor.pack)")
     packing.add_argument("--no-pack", action="store_true", help="train every run on its own, never as a batched pack")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the job array ends (sbatch --wait)")
     p.add_argument("-v", "--verbose", action="store_true", help="local: also print one line per finished run (status and test metric); failures always print")

@@ -46,7 +46,7 @@ class CostSpec:
 class ExecutorSpec:
     # Train runs that differ only in lr / seed / weight decay / optimizer as one batched model on one device
     # (harness/train/packed.py: the MLP, Wide-ResNets, ResNets, the autoencoder, the demo convnet). Results equal those
-    # run one by one. Unset: where packing is faster, by family and device (packed.pack_choice: on CPU the conv nets
+    # run one by one. Unset: where packing is faster, by family and device (packed.pack_choice: on CPU the 2-D conv nets
     # train one by one); true: every packable family (as --pack); false: never (as --no-pack).
     pack: Optional[bool] = None
     # Runs per pack (unset: 128 for the MLP, 8 for the other families: a pack of 8 WRN-16-4 runs at B = 128
