@@ -7,6 +7,8 @@ import ast
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, harness_env, run_harness, write_config
 
 
@@ -14,6 +16,7 @@ def both(*args, **kw):
     return run_harness(*args, check=False, **kw), run_harness(*args, check=False, fresh=True, **kw)
 
 
+@pytest.mark.slow  # starts fresh interpreters to compare with
 def test_a_forked_command_prints_and_exits_as_a_fresh_one(tmp_path):
     config = ROOT / "yaml" / "digits_mlp.yaml"
     for args in (["plan", config, "--set", "batch.global_batch_size=128"], ["plan", tmp_path / "missing.yaml"],
@@ -66,6 +69,7 @@ def test_the_forkserver_preloads_only_modules_that_exist():
     assert Path(forkrun.__file__).parent == ROOT / "tests"
 
 
+@pytest.mark.slow  # starts fresh interpreters to compare with
 def test_omp_num_threads_sets_torch_threads_as_in_a_fresh_process(tmp_path, digits_shards):
     """OpenMP reads OMP_NUM_THREADS when torch loads it, which is in the forkserver: the child applies the test's
     value, so a run with OMP_NUM_THREADS=1 trains on one thread, forked or fresh (thread counts change a run's last
