@@ -18,6 +18,11 @@ $(STAMP):
 	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
+	@# DeepSpeed's CPU op (deepspeed_shm_comm), built here once instead of by the first DeepSpeed run or test (about
+	@# 45 s on 2 cores, into TORCH_EXTENSIONS_DIR; a failed build is only a warning: DeepSpeed builds it on first use).
+	@echo "make: building DeepSpeed's CPU op into $(TORCH_EXTENSIONS_DIR) (about 45 s)"
+	@$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
+		> $(VENV)/deepspeed-op-build.log 2>&1 || echo "make: warning: the DeepSpeed op did not build (see $(VENV)/deepspeed-op-build.log); DeepSpeed will try again on first use"
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
