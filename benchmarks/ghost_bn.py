@@ -8,7 +8,8 @@ instead of a real one), and gradient reset; warm-up first, then the median of `-
 the two layers so that machine noise hits both alike. Printed for one thread and for torch's default thread
 count. The layer runs the implementation chosen for the device (models/ghost_bn.py, local_groups: per group on CPU,
 batched on CUDA), printed with the figures; `--implementation batched|per_group` forces one. Figures and how they
-were measured: docs/cpu_speed.md. On a machine whose cores are oversubscribed, the multi-thread ratio of the
+were measured: docs/cpu_speed.md. Memory is allocated as in a harness training process (harness/core/memory.py:
+freed memory kept; HARNESS_KEEP_FREED_MEMORY=0 for glibc's defaults), printed too. On a machine whose cores are oversubscribed, the multi-thread ratio of the
 per-group path mostly measures OpenMP barrier stalls (8 groups: 8x the parallel regions of one nn.BatchNorm2d).
 """
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness.core.memory import keep_freed_memory  # noqa: E402
 from models.ghost_bn import GhostBatchNorm2d, implementation_for  # noqa: E402
 
 
@@ -71,9 +73,11 @@ def main() -> None:
     p.add_argument("--implementation", choices=["auto", "batched", "per_group"], default="auto",
                    help="the ghost layer's local-groups implementation (default: the one chosen for the device)")
     args = p.parse_args()
+    malloc = keep_freed_memory()  # as in every harness training process (harness/core/memory.py)
     default_threads = torch.get_num_threads()
     print(f"ghost BN (groups of 64) vs nn.BatchNorm2d, fwd+bwd, input ({args.batch}, {args.channels}, "
           f"{args.size}, {args.size}) fp32 on {args.device}; median of {args.repeats} after {args.warmup} warm-up")
+    print(f"malloc: {malloc}")
     chosen = args.implementation
     if chosen == "auto":
         chosen = implementation_for(torch.device(args.device).type, torch.float32, torch.float32)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from harness.core.errors import FileSystemError, HarnessError, Interrupted, PeerLost, os_error_message
 from harness.core.cliargs import add_config_args, config_of
+from harness.core.memory import keep_freed_memory
 from harness.core.paths import require_directory
 from harness.core.status import COMPLETED
 
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()  # before any tensor: large CPU tensors reuse pages instead of faulting in new ones
     args = build_parser().parse_args(argv)
     set_local_rank(args.local_rank)
     previous_hook, threading.excepthook = threading.excepthook, _thread_os_error_hook(args.debug)

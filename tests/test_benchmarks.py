@@ -41,3 +41,20 @@ def test_gpu_check_cpu_mode_runs_every_check(tmp_path):
     assert set(report["steps"]) == {"gpu-marked tests", "torchrun training (bf16)", "STOP + resume", "host syncs per step"}
     assert report["steps"]["STOP + resume"]["max_abs_diff"] == 0.0
     assert "gpu-check: summary" in proc.stdout
+
+
+@pytest.mark.slow
+def test_memory_benchmark_compares_the_two_malloc_settings(tmp_path):
+    """benchmarks/memory.py at its smallest: each setting in its own process; what it reports about page faults (a
+    count, not a time) shows the setting at work in a real training run."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--steps", "1", "--batch", "64",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, env=tiny_env(),
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"wrn", "bn"} and "freed memory kept" in report["wrn"]["malloc"]
+    for figures in report.values():
+        assert math.isfinite(figures["ratio"]) and figures["ratio"] > 0
+        assert figures["kept_minor_faults"][0] < figures["default_minor_faults"][0]
+    assert "ratio" in proc.stdout and "malloc: glibc" in proc.stdout

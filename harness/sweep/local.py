@@ -40,6 +40,9 @@ ORPHAN_GRACE_SECONDS = 300.0  # an orphan's run that has not stopped by then (a 
 
 def _init_worker(threads: int, pids, counter, parent: int) -> None:
     global _WORKER_SIGNALS
+    from harness.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # a spawned worker does not go through harness.cli.main
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers

@@ -12,6 +12,7 @@ import time
 from importlib import metadata
 
 from harness.core import __version__
+from harness.core.memory import keep_freed_memory
 from harness.core.paths import REPO_ROOT
 
 SLURM_KEYS = {
@@ -61,6 +62,7 @@ def environment(env, plan) -> dict:
         "local_rank": env.local_rank,
         "layout": plan.as_dict(),
         "intra_op_threads": torch.get_num_threads(),  # the reduction order of CPU kernels, hence a run's last bits
+        "malloc": keep_freed_memory(),  # harness/core/memory.py (where tensors live, not what is computed)
         "slurm": slurm_info(),
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
