@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(DEPS_HASH)
 .PHONY: demo demo-ghost-bn test test-fast test-fake-cuda fake-cuda-coverage gpu-check docs-figures venv clean
 
 $(STAMP):
-	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 2 minutes, 5.6 GB)"
+	@echo "make: installing the harness and its dependencies into $(VENV) (first time: about 3 minutes with the DeepSpeed op build, 5.6 GB)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
 	@# DeepSpeed's CPU op (deepspeed_shm_comm), built here once instead of by the first DeepSpeed run or test (about
