@@ -4,12 +4,10 @@ glibc's malloc serves a large request (over its mmap threshold, at most 32 MiB) 
 pages back to the kernel with munmap when it is freed; it also trims the top of the heap once more than its trim
 threshold is free there. A training step allocates and frees the same large tensors (activations, gradients, the
 im2col buffers of CPU convolutions) every time, so every step touches thousands of brand-new pages, and each first
-touch is a page fault the kernel must serve and zero. Measured on this project's 2-core VM (docs/cpu_speed.md):
-
-- an fp64 WRN-10-1 run as the tests train it (B = 128, 6 steps): 11.9 s with glibc's defaults, 8.2 s with freed
-  memory kept;
-- `benchmarks/ghost_bn.py`, input (512, 64, 16, 16) fp32, one thread: nn.BatchNorm2d forward + backward 81 ms,
-  34 ms with freed memory kept.
+touch is a page fault the kernel must serve and zero. Measured on this project's 2-core VM with
+`python benchmarks/memory.py` (docs/cpu_speed.md): an fp64 WRN-10-1 run as the tests train it (B = 128, 6 steps)
+8.23 s with freed memory kept against 11.0 s with glibc's defaults; nn.BatchNorm2d forward + backward on a
+(512, 64, 16, 16) fp32 input 37.7 against 76.1 ms.
 
 So every harness process that trains (`harness train`, each sweep worker, each torchrun or DeepSpeed rank) tells
 glibc, before it allocates its tensors, to serve every request from its heaps (M_MMAP_MAX = 0) and to give memory
@@ -28,7 +26,6 @@ glibc.malloc tunable in GLIBC_TUNABLES), or with HARNESS_KEEP_FREED_MEMORY=0.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import Optional
@@ -39,7 +36,7 @@ _applied: Optional[str] = None
 
 
 def user_chose_malloc() -> bool:
-    """Whether the environment already sets glibc's malloc (its MALLOC_*_ variables or GLIBC_TUNABLES)."""
+    """Whether the environment already sets glibc's malloc (a MALLOC_* variable or a glibc.malloc tunable)."""
     env = os.environ
     return any(k.startswith("MALLOC_") for k in env) or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
 
@@ -52,7 +49,7 @@ def keep_freed_memory() -> str:
     if os.environ.get("HARNESS_KEEP_FREED_MEMORY", "1") == "0":
         _applied = "glibc defaults (HARNESS_KEEP_FREED_MEMORY=0)"
     elif user_chose_malloc():
-        _applied = "the environment's malloc settings (MALLOC_*_ or GLIBC_TUNABLES)"
+        _applied = "the environment's malloc settings (MALLOC_* or GLIBC_TUNABLES)"
     elif not sys.platform.startswith("linux"):
         _applied = "the platform's malloc"
     else:
@@ -61,10 +58,9 @@ def keep_freed_memory() -> str:
 
 
 def _mallopt() -> str:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version
+    try:  # the process's own symbols: no library search (ctypes.util.find_library runs `ldconfig -p` in a subprocess)
+        libc = ctypes.CDLL(None)
+        mallopt, gnu = libc.mallopt, libc.gnu_get_libc_version
     except (OSError, AttributeError):  # musl and others: no mallopt, or not glibc's
         return "the platform's malloc"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
