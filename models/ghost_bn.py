@@ -6,9 +6,10 @@ plan (harness.recipe.batch_plan) guarantees one of two cases:
 
 - m >= G (m a multiple of G): every group lies inside one rank's micro-batch, with no communication at all. On a
   GPU all groups are normalized in one batched computation (`_LocalGroups`: one reduction over a (groups, G, C,
-  positions) view, no copy, no kernel launch per group); on CPU each group by torch's native batch-norm kernel
-  (`_PerGroupNative`), which is what makes ghost BN cost about one nn.BatchNorm2d there. `local_groups` picks one
-  by device and dtype; both are the same arithmetic (tests/test_ghost_bn.py: equal in fp64, also under vmap).
+  positions) view, no copy, no kernel launch per group); on CPU group by group, each contiguous group slice by
+  vectorized torch kernels (`_PerGroupNative`), which makes ghost BN cost less than one nn.BatchNorm2d there.
+  `local_groups` picks one by device and dtype; both are the same arithmetic (tests/test_ghost_bn.py: equal in
+  fp64, also under vmap).
 - m < G (G a multiple of m): a group spans G/m consecutive ranks of the same micro-step. Each rank computes
   its slice's per-channel mean and centred sum of squares, the group's ranks all-gather them and combine
   them exactly (Chan et al.'s pairwise formula); backward all-reduces the two per-channel sums the batch-norm
@@ -149,37 +150,51 @@ def _per_example(t: torch.Tensor, g: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class _PerGroupNative(torch.autograd.Function):
-    """CPU: one native batch-norm kernel per group of g consecutive examples, written straight into one output.
+    """CPU: each group of g consecutive examples normalized on its own contiguous slice, straight into one output.
 
     The batched `_LocalGroups` reduces over a strided (groups, g, C, positions) view and broadcasts per-example
-    scale tensors: right for a GPU (one launch per pass), but on CPU it runs about 2x nn.BatchNorm2d, where torch's
-    own CPU batch-norm kernels (vectorized per channel) on each contiguous group slice cost about what one
-    nn.BatchNorm2d over the whole batch does (benchmarks/ghost_bn.py). Same arithmetic as one F.batch_norm per
-    group (the implementation before the batched one), so it equals `_LocalGroups` to round-off
-    (tests/test_ghost_bn.py, fp64, forward and backward, alone and under vmap).
+    scale tensors: right for a GPU (one launch per pass), but on CPU it runs about 2x nn.BatchNorm2d. Per group,
+    this one takes the statistics with two vectorized reductions (mean, then the centred sum of squares, as torch's
+    batch norm defines them) and normalizes with torch's eval-mode batch-norm kernel, the statistics as its
+    "running" ones; backward is torch's own batch-norm backward kernel per group. torch's training-mode CPU forward
+    accumulates its statistics in a scalar loop, so this measures below one nn.BatchNorm2d over the whole batch
+    (benchmarks/ghost_bn.py, docs/cpu_speed.md). Same arithmetic as one F.batch_norm per group (the implementation
+    before the batched one), so it equals `_LocalGroups` to round-off (tests/test_ghost_bn.py, fp64, forward and
+    backward, alone and under vmap).
 
     weight and bias are (P, C): P runs of a pack (1 outside vmap), whose groups follow each other in x, so group i
     uses row i // (groups / P). The `vmap` rule folds the run dimension into the groups that way: a pack's forward
-    stays one loop of native kernels, with each run's own gamma and beta. Returns y and each group's (mean,
-    unbiased variance) (groups, C), as `_LocalGroups`, plus the kernels' saved mean and 1/std for backward.
+    stays one loop over groups, with each run's own gamma and beta. Returns y and each group's (mean, unbiased
+    variance) (groups, C), as `_LocalGroups`, plus each group's (mean, 1/std) for backward.
     """
 
     @staticmethod
     def forward(x, weight, bias, g: int, eps: float):
         groups, c = x.shape[0] // g, x.shape[1]
         per = groups // weight.shape[0]
+        dims = (0, *range(2, x.dim()))  # a group's examples and positions
+        shape = (c, *([1] * (x.dim() - 2)))  # a (C,) vector against one example's (C, *)
+        m = g * (x[0, 0].numel() if x.dim() > 2 else 1)  # values per (group, channel)
+        count = torch.tensor(m, dtype=x.dtype)  # a 0-dim divisor: dispatched faster than a Python number
         y = torch.empty_like(x)  # the input's memory format: a group slice of it is contiguous in that format
-        # momentum 1: a kernel's "running" outputs are exactly its group's mean and unbiased variance.
-        stats = x.new_zeros(2, groups, c)
-        saved = x.new_empty(2, groups, c)
-        # Every view the loop needs, made in a few calls (split / unbind), not several indexing calls per group.
-        xs, ys, ws, bs = x.split(g), y.split(g), weight.unbind(0), bias.unbind(0)
-        means, variances, save_means, save_invstds = (t.unbind(0) for t in (*stats, *saved))
-        batch_norm = torch.ops.aten.native_batch_norm.out  # a CPU kernel that writes into `out` itself
+        stats = x.new_empty(2, groups, c)  # each group's mean and biased variance
+        # Every view the loop needs, made in a few calls (chunk / unbind), not several indexing calls per group.
+        xs, ys, ws, bs = x.chunk(groups), y.chunk(groups), weight.unbind(0), bias.unbind(0)
+        means, variances = stats[0].unbind(0), stats[1].unbind(0)
+        unused = x.new_empty(0), x.new_empty(0)  # the transform's (eval mode) save_mean / save_invstd: left empty
         for i in range(groups):
-            batch_norm(xs[i], ws[i // per], bs[i // per], means[i], variances[i], True, 1.0, eps, out=ys[i],
-                       save_mean=save_means[i], save_invstd=save_invstds[i])
-        return y, stats[0], stats[1], saved
+            # Statistics in two vectorized passes, as torch's own batch norm computes them (mean, then the centred
+            # sum of squares; no E[x^2] - E[x]^2 cancellation), the squared deviations (x - mean)^2 written into the
+            # group's output slice as scratch, in one pass (mse_loss without reduction). torch's training-mode CPU
+            # kernel accumulates its statistics in a scalar loop: about 4x slower (docs/cpu_speed.md). Then its
+            # eval-mode transform, (x - mean) / sqrt(var + eps) * gamma + beta, straight into the slice.
+            mean = torch.sum(xs[i], dims, out=means[i]).div_(count)
+            squares = torch.ops.aten.mse_loss.out(xs[i], mean.view(shape).expand_as(xs[i]), 0, out=ys[i])
+            var = torch.sum(squares, dims, out=variances[i]).div_(count)
+            torch.native_batch_norm(xs[i], ws[i // per], bs[i // per], mean, var, False, 0.0, eps,
+                                    out=(ys[i], *unused))
+        invstd = torch.rsqrt(stats[1] + eps)  # biased variance normalizes, as in F.batch_norm
+        return y, stats[0], stats[1] * (m / max(m - 1, 1)), torch.stack([stats[0], invstd])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -196,23 +211,27 @@ class _PerGroupNative(torch.autograd.Function):
         groups = x.shape[0] // g
         per = groups // weight.shape[0]
         grad_x = torch.empty_like(x)
-        # Each group's gradients straight into its slice of grad_x, then its gamma and beta gradients into a (groups,
-        # C) table. (The `.out` form computes a group's input gradient and copies it into the slice: measured faster
-        # than one batch norm's backward over the whole batch, whose 32 MB working set leaves the cache, and than
-        # concatenating the groups' results at the end.)
-        xs, dys, gxs, ws = x.split(g), grad_y.split(g), grad_x.split(g), weight.unbind(0)
+        # Each group's gradients by torch's own kernel, its input gradient copied into the group's slice of grad_x
+        # (the kernel has no true out= form on CPU: its `.out` overload is the same copy behind more dispatch).
+        # Measured faster than one batch norm's backward over the whole batch, whose 32 MB working set leaves the
+        # cache, and than concatenating the groups' results at the end.
+        xs, dys, gxs, ws = x.chunk(groups), grad_y.chunk(groups), grad_x.chunk(groups), weight.unbind(0)
         save_means, save_invstds = saved[0].unbind(0), saved[1].unbind(0)
-        grads = x.new_empty(2, groups, x.shape[1])
-        grad_ws, grad_bs = grads[0].unbind(0), grads[1].unbind(0)
-        backward = torch.ops.aten.native_batch_norm_backward.out
+        backward = torch.ops.aten.native_batch_norm_backward.default
+        grad_ws, grad_bs = [], []
         for i in range(groups):
-            backward(dys[i], xs[i], ws[i // per], None, None, save_means[i], save_invstds[i], True, eps,
-                     [True, True, True], out0=gxs[i], out1=grad_ws[i], out2=grad_bs[i])
-        # Each run's gamma and beta gradients: the sums over its `per` consecutive groups, added in group order.
-        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(weight)
-        for rows, parts in ((grad_w.unbind(0), grad_ws), (grad_b.unbind(0), grad_bs)):
-            for i in range(groups):
-                rows[i // per].add_(parts[i])
+            gx, gw, gb = backward(dys[i], xs[i], ws[i // per], None, None, save_means[i], save_invstds[i], True, eps,
+                                  [True, True, True])
+            gxs[i].copy_(gx)
+            grad_ws.append(gw)
+            grad_bs.append(gb)
+        # Each run's gamma and beta gradients: the sums over its `per` consecutive groups, added in group order
+        # (the same order for every run of a pack and for a run alone).
+        parts = torch.stack([torch.stack(grad_ws), torch.stack(grad_bs)]).view(2, weight.shape[0], per, -1)
+        sums = parts[:, :, 0].clone()
+        for j in range(1, per):
+            sums.add_(parts[:, :, j])
+        grad_w, grad_b = sums[0], sums[1]
         return grad_x, grad_w, grad_b, None, None
 
     @staticmethod
