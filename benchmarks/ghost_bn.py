@@ -11,6 +11,9 @@ batched on CUDA), printed with the figures; `--implementation batched|per_group`
 were measured: docs/cpu_speed.md. Memory is allocated as in a harness training process (harness/core/memory.py:
 freed memory kept; HARNESS_KEEP_FREED_MEMORY=0 for glibc's defaults), printed too. On a machine whose cores are oversubscribed, the multi-thread ratio of the
 per-group path mostly measures OpenMP barrier stalls (8 groups: 8x the parallel regions of one nn.BatchNorm2d).
+`--kernels` also times, on the whole input and one thread, the torch kernels that explain the CPU figures: batch
+norm's training-mode forward (statistics and transform), its eval-mode forward (the transform alone) and one
+per-channel sum (the reduction the per-group path takes its statistics with, twice).
 """
 
 from __future__ import annotations
@@ -62,6 +65,28 @@ def measure(threads: int, b: int, c: int, size: int, repeats: int, warmup: int, 
     return statistics.median(t_ghost), statistics.median(t_plain)
 
 
+def kernels(b: int, c: int, size: int, repeats: int) -> None:
+    """Median times of single torch kernels on the whole (b, c, size, size) input, one thread."""
+    torch.set_num_threads(1)
+    x = torch.randn(b, c, size, size, generator=torch.Generator().manual_seed(0))
+    weight, bias, mean, var = torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c)
+    cases = {
+        "batch norm forward, training mode (statistics + transform)":
+            lambda: torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5),
+        "batch norm forward, eval mode (transform only)":
+            lambda: torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, 1e-5),
+        "one per-channel sum, x.sum((0, 2, 3))": lambda: x.sum((0, 2, 3)),
+    }
+    for name, fn in cases.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print(f"kernel  {statistics.median(times) * 1e3:8.3f} ms   {name}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=512)
@@ -72,6 +97,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--implementation", choices=["auto", "batched", "per_group"], default="auto",
                    help="the ghost layer's local-groups implementation (default: the one chosen for the device)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time torch's training- and eval-mode batch-norm forward and one per-channel sum (CPU)")
     args = p.parse_args()
     malloc = keep_freed_memory()  # as in every harness training process (harness/core/memory.py)
     default_threads = torch.get_num_threads()
@@ -86,6 +113,8 @@ def main() -> None:
                                args.implementation)
         print(f"threads={threads:<3d} ghost ({chosen}) {ghost * 1e3:8.3f} ms   BatchNorm2d {plain * 1e3:8.3f} ms   "
               f"ratio {ghost / plain:.3f}")
+    if args.kernels:
+        kernels(args.batch, args.channels, args.size, args.repeats)
 
 
 if __name__ == "__main__":
