@@ -47,7 +47,7 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
-# The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 45 s.
+# The GPU code path on fake CUDA tensors, on any machine (docs/fake_cuda.md; part of `make test`): about 85 s.
 test-fake-cuda: venv
 	$(PY) -m pytest -m fake_cuda
 
