@@ -31,7 +31,7 @@ venv: $(STAMP)
 demo: venv
 	$(PY) -m harness demo
 
-# The same study with ghost batch norm: a 1-D CNN on MNIST-1D (about 4 minutes on 2 cores).
+# The same study with ghost batch norm: a 1-D CNN on MNIST-1D (about 2 minutes on 2 idle cores).
 demo-ghost-bn: venv
 	$(PY) -m harness demo --study ghost-bn
 
