@@ -37,6 +37,17 @@ def test_local_groups_are_independent_of_the_micro_batch():
         assert all((a - b).abs().max() < 1e-12 for a, b in zip(r, running[0]))
 
 
+def _per_group_functional(x, gy, weight, bias):
+    """One F.batch_norm per group of 64 (torch's own kernel), forward and backward, in x's dtype: (y, dx, dgamma,
+    dbeta, [sum of group means, sum of unbiased group variances])."""
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    stats = torch.zeros(2, x.shape[0] // 64, x.shape[1], dtype=x.dtype)
+    y = torch.cat([F.batch_norm(p, stats[0, i], stats[1, i], weight, bias, True, 1.0, 1e-5)
+                   for i, p in enumerate(x.split(64))])
+    y.backward(gy)
+    return y.detach(), x.grad, weight.grad, bias.grad, torch.cat([stats[0].sum(0), stats[1].sum(0)])
+
+
 @pytest.mark.parametrize("shape, dtype, memory_format", [
     ((192, 5, 4, 4), torch.float64, torch.contiguous_format), ((192, 5, 4, 4), torch.float64, torch.channels_last),
     ((192, 7), torch.float64, None), ((128, 3, 10), torch.float64, None), ((192, 5, 4, 4), torch.float32, None)])
@@ -55,14 +66,9 @@ def test_local_groups_equal_per_group_native_batch_norm(shape, dtype, memory_for
         layer.bias.uniform_(-1, 1)
     y = layer(x)
     y.backward(g)
-    xr = x.detach().clone().requires_grad_()
-    w, b = (t.detach().clone().requires_grad_() for t in (layer.weight, layer.bias))
-    stats = torch.zeros(2, shape[0] // 64, shape[1], dtype=dtype)
-    yr = torch.cat([F.batch_norm(p, stats[0, i], stats[1, i], w, b, True, 1.0, 1e-5) for i, p in enumerate(xr.split(64))])
-    yr.backward(g)
+    refs = _per_group_functional(x, g, layer.weight, layer.bias)
     tol = 1e-12 if dtype == torch.float64 else 1e-4
-    for mine, ref in ((y, yr), (x.grad, xr.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad),
-                      (layer.stat_accumulator[:-1], torch.cat([stats[0].sum(0), stats[1].sum(0)]))):
+    for mine, ref in zip((y, x.grad, layer.weight.grad, layer.bias.grad, layer.stat_accumulator[:-1]), refs):
         assert (mine - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
     if memory_format is not None:
         assert y.is_contiguous(memory_format=memory_format)
@@ -155,17 +161,6 @@ def test_cpu_per_group_and_gpu_batched_implementations_are_equal(shape, memory_f
         assert (a - b).abs().max() < 1e-12 * max(1.0, b.abs().max().item())
     if memory_format is not None:
         assert cpu[0].is_contiguous(memory_format=memory_format)
-
-
-def _per_group_functional(x, gy, weight, bias):
-    """One F.batch_norm per group of 64 (torch's own kernel), forward and backward, in x's dtype: (y, dx, dgamma,
-    dbeta, [sum of group means, sum of unbiased group variances])."""
-    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    stats = torch.zeros(2, x.shape[0] // 64, x.shape[1], dtype=x.dtype)
-    y = torch.cat([F.batch_norm(p, stats[0, i], stats[1, i], weight, bias, True, 1.0, 1e-5)
-                   for i, p in enumerate(x.split(64))])
-    y.backward(gy)
-    return y.detach(), x.grad, weight.grad, bias.grad, torch.cat([stats[0].sum(0), stats[1].sum(0)])
 
 
 def test_cpu_per_group_statistics_survive_a_large_mean_in_fp32():
